@@ -1,0 +1,368 @@
+"""Typed schema of the training config.
+
+Hydra composes ``conf/train.yaml`` on top of ``TrainConfig`` (registered in the ConfigStore as
+``train_schema``), so a misspelt key (``trainer.max_epocs``) or a mistyped value
+(``trainer.max_epochs=ten``) fails at composition time, before any compute, with a message that
+names the key. Checks that need more than a type (ranges, incompatible options) live in
+:func:`validate`, which the entry point calls before it builds anything.
+
+Each group (``data``, ``model``, ...) has one dataclass holding the union of the options of every
+choice in the group: the choice's YAML file sets ``name`` and the keys it uses. That keeps keys
+typed and checked without one schema per YAML file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    """Dataset: digits | breast_cancer | wine | diabetes | csv | synthetic (| text)."""
+    batch_size: int = 64
+    """Training batch size (per process under DDP)."""
+    eval_batch_size: int = 1024
+    """Batch size for validation and test passes."""
+    val_fraction: float = 0.15
+    """Share of the rows held out for validation (seeded split)."""
+    test_fraction: float = 0.15
+    """Share of the rows held out for test (seeded split)."""
+    split_seed: int = 0
+    """Seed of the train/val/test split, independent of the training seed so runs compare."""
+    standardize: bool = True
+    """Standardise features with the mean/std of the training split only."""
+    path: str | None = None
+    """csv: path of a .csv or .parquet file (relative paths resolve from the launch folder)."""
+    target: str | None = None
+    """csv: name of the target column."""
+    features: list[str] | None = None
+    """csv: feature columns; null means every column but the target."""
+    task: str = "auto"
+    """csv: classification | regression | auto (integer or string targets with few values classify)."""
+    n_samples: int = 10000
+    """synthetic: number of rows."""
+    n_features: int = 32
+    """synthetic: number of features."""
+    n_classes: int = 10
+    """synthetic: number of classes (0 means a regression target)."""
+    noise: float = 0.1
+    """synthetic: label noise (fraction of flipped labels) or target noise (regression)."""
+    seed: int = 0
+    """synthetic: seed of the generator."""
+    on_device: bool = True
+    """Keep a small in-memory dataset on the training device and slice batches there."""
+    # text (language modelling) options, used by data=text
+    vocab_size: int = 8192
+    """text: size of the vocabulary learnt from the corpus."""
+    seq_len: int = 64
+    """text: tokens per training sequence."""
+    max_tokens: int = 400000
+    """text: cap on the number of corpus tokens used."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    """Model: linear | mlp | cnn | transformer."""
+    hidden: int = 128
+    """mlp: width of each hidden layer; transformer: model width."""
+    depth: int = 2
+    """mlp: number of hidden layers; transformer: number of blocks."""
+    hidden_sizes: list[int] | None = None
+    """mlp: explicit hidden widths (overrides hidden and depth)."""
+    dropout: float = 0.0
+    """Dropout probability after each hidden layer."""
+    norm: str = "none"
+    """mlp: none | batch | layer normalisation after each hidden layer."""
+    activation: str = "gelu"
+    """relu | gelu | silu | tanh."""
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    """cnn: output channels of each conv block."""
+    heads: int = 4
+    """transformer: attention heads."""
+    fused_head: bool = False
+    """Hand the last hidden state and head weight to the fused linear cross-entropy."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "auto"
+    """auto (cross_entropy for classification, mse for regression) | cross_entropy | mse | huber."""
+    label_smoothing: float = 0.0
+    """cross_entropy: label smoothing in [0, 1)."""
+    z_loss: float = 0.0
+    """cross_entropy: weight of the logsumexp**2 penalty."""
+    huber_delta: float = 1.0
+    """huber: threshold between the quadratic and linear parts."""
+    fused: bool = True
+    """Use the fused kernels (Triton on CUDA, chunked PyTorch on CPU) instead of torch's."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw | adam | sgd."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (adamw) or L2 penalty (adam, sgd)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """adam/adamw: (beta1, beta2)."""
+    momentum: float = 0.9
+    """sgd: momentum."""
+    nesterov: bool = False
+    """sgd: Nesterov momentum."""
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    """cosine | step | none (constant)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to the peak lr over this many optimizer steps."""
+    warmup_fraction: float = 0.0
+    """Warm-up as a fraction of all optimizer steps (used when warmup_steps is 0)."""
+    min_lr_ratio: float = 0.0
+    """cosine: final lr as a fraction of the peak."""
+    step_size: int = 10
+    """step: epochs between decays."""
+    gamma: float = 0.1
+    """step: multiplicative decay."""
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 20
+    """Number of passes over the training split."""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU) | cpu | cuda | cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPUs that support it, fp32 on CPU) | fp32 | bf16 | fp16."""
+    seed: int = 0
+    """Seed of python, numpy and torch RNGs (and of the data order)."""
+    accumulate_grad_batches: int = 1
+    """Optimizer step every N batches."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    monitor: str = "auto"
+    """Metric for best checkpoint and early stopping; auto: val/acc (classification), val/rmse (regression)."""
+    monitor_mode: str = "auto"
+    """max | min | auto (from the metric's name)."""
+    early_stop_patience: int = 0
+    """Stop after this many epochs without improvement of the monitored metric; 0 disables."""
+    resume: str = "auto"
+    """auto (continue from <run dir>/checkpoints/last.pt when present) | never | <path to a checkpoint>."""
+    ckpt_every_n_steps: int = 0
+    """Also write last.pt every N optimizer steps inside an epoch; 0: at epoch ends only."""
+    save_checkpoints: bool = True
+    """Write checkpoints/last.pt and checkpoints/best.pt."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    log_every_n_steps: int = 10
+    """TensorBoard step-scalar interval."""
+    progress: str = "auto"
+    """auto (a bar on a terminal, one line per epoch otherwise) | bar | epoch | none."""
+    on_nan: str = "stop"
+    """stop | skip: what to do when the loss or gradients are not finite."""
+    max_nan_skips: int = 10
+    """skip: stop after this many skipped steps."""
+    num_threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default."""
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    search: Any = None
+    """Sweep settings, set by ``-m search=<name>``; null for a single run."""
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A config value that type checking could not catch; the message names the key."""
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("digits", "breast_cancer", "wine", "diabetes", "csv", "synthetic", "text"),
+    "data.task": ("auto", "classification", "regression"),
+    "model.name": ("linear", "mlp", "cnn", "transformer"),
+    "model.norm": ("none", "batch", "layer"),
+    "model.activation": ("relu", "gelu", "silu", "tanh"),
+    "loss.name": ("auto", "cross_entropy", "mse", "huber"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "sched.name": ("cosine", "step", "none"),
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "trainer.monitor_mode": ("auto", "max", "min"),
+    "trainer.progress": ("auto", "bar", "epoch", "none"),
+    "trainer.on_nan": ("stop", "skip"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_choice(cfg: Any, key: str, allowed: tuple[str, ...]) -> None:
+    value = _get(cfg, key)
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        closest = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.{closest}"
+        )
+
+
+def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: {requirement}.")
+
+
+def validate(cfg: Any) -> None:
+    """Reject values that are well-typed but unusable, naming the key and the fix."""
+    for key, allowed in _CHOICES.items():
+        _check_choice(cfg, key, allowed)
+    d, t, o = cfg.data, cfg.trainer, cfg.optim
+    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "it must be a positive integer")
+    _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "it must be positive")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "it must be in [0, 1)")
+    _check(
+        0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "it must be in (0, 1)"
+    )
+    _check(
+        d.val_fraction + d.test_fraction < 0.9,
+        "data.val_fraction",
+        d.val_fraction,
+        f"val_fraction + test_fraction must leave at least 10% for training (test_fraction={d.test_fraction})",
+    )
+    _check(o.lr > 0, "optim.lr", o.lr, "the learning rate must be positive")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "it must be >= 0")
+    _check(len(o.betas) == 2, "optim.betas", list(o.betas), "give two values, e.g. [0.9, 0.999]")
+    _check(t.max_epochs > 0, "trainer.max_epochs", t.max_epochs, "it must be a positive integer")
+    _check(
+        t.accumulate_grad_batches > 0,
+        "trainer.accumulate_grad_batches",
+        t.accumulate_grad_batches,
+        "it must be a positive integer",
+    )
+    _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "use 0 to disable clipping")
+    _check(
+        t.early_stop_patience >= 0,
+        "trainer.early_stop_patience",
+        t.early_stop_patience,
+        "use 0 to disable",
+    )
+    _check(
+        t.ckpt_every_n_steps >= 0,
+        "trainer.ckpt_every_n_steps",
+        t.ckpt_every_n_steps,
+        "use 0 to disable",
+    )
+    _check(
+        t.log_every_n_steps > 0,
+        "trainer.log_every_n_steps",
+        t.log_every_n_steps,
+        "it must be positive",
+    )
+    _check(t.max_nan_skips >= 0, "trainer.max_nan_skips", t.max_nan_skips, "it must be >= 0")
+    _check(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        "trainer.device",
+        t.device,
+        "use auto, cpu, cuda or cuda:N",
+    )
+    if t.device.startswith("cuda:"):
+        _check(
+            t.device[5:].isdigit(),
+            "trainer.device",
+            t.device,
+            "the GPU index must be a number, e.g. cuda:0",
+        )
+    ls = cfg.loss.label_smoothing
+    _check(0.0 <= ls < 1.0, "loss.label_smoothing", ls, "it must be in [0, 1)")
+    _check(cfg.loss.z_loss >= 0, "loss.z_loss", cfg.loss.z_loss, "it must be >= 0")
+    _check(
+        cfg.loss.huber_delta > 0, "loss.huber_delta", cfg.loss.huber_delta, "it must be positive"
+    )
+    m = cfg.model
+    _check(m.hidden > 0, "model.hidden", m.hidden, "it must be a positive integer")
+    _check(m.depth >= 0, "model.depth", m.depth, "it must be >= 0")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "it must be in [0, 1)")
+    s = cfg.sched
+    _check(s.warmup_steps >= 0, "sched.warmup_steps", s.warmup_steps, "it must be >= 0")
+    _check(
+        0.0 <= s.warmup_fraction < 1.0,
+        "sched.warmup_fraction",
+        s.warmup_fraction,
+        "it must be in [0, 1)",
+    )
+    _check(s.step_size > 0, "sched.step_size", s.step_size, "it must be a positive integer")
+    if d.name == "csv":
+        _check(
+            bool(d.path), "data.path", d.path, "data=csv needs data.path=<file.csv|file.parquet>"
+        )
+        _check(bool(d.target), "data.target", d.target, "data=csv needs data.target=<column name>")
+    if d.name == "synthetic":
+        _check(d.n_samples >= 10, "data.n_samples", d.n_samples, "use at least 10 rows")
+        _check(d.n_features > 0, "data.n_features", d.n_features, "it must be positive")
+        _check(
+            d.n_classes >= 0 and d.n_classes != 1,
+            "data.n_classes",
+            d.n_classes,
+            "use 0 (regression) or >= 2",
+        )
+
+
+def _schema_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, type]:
+    """Every dotted key of the schema (groups included), e.g. ``trainer.max_epochs``."""
+    import dataclasses
+
+    keys: dict[str, type] = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys[name] = f.type
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            keys.update(_schema_keys(type(default), name + "."))
+    return keys
+
+
+def check_override_keys(args: list[str]) -> str | None:
+    """Return an error message for the first command-line override whose key does not exist.
+
+    Hydra also rejects such a key, but suggests appending it with ``+``, which is the wrong fix
+    for a typo; we name the closest valid key instead. Sweep-only (``search.*``), Hydra's own
+    (``hydra.*``) and explicit additions (``+key``/``~key``) are left to Hydra.
+    """
+    keys = _schema_keys()
+    for arg in args:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if "/" in key or key.startswith(("hydra", "search")) or key in keys:
+            continue
+        hint = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+        fix = f" Did you mean '{hint[0]}'?" if hint else ""
+        section = key.split(".", 1)[0]
+        known = sorted(
+            k.split(".", 1)[1] for k in keys if k.startswith(section + ".") and k.count(".") == 1
+        )
+        listing = f" Valid keys of '{section}': {', '.join(known)}." if known else ""
+        return f"unknown config key '{key}' (in override '{arg}').{fix}{listing}"
+    return None

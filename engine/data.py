@@ -1,0 +1,360 @@
+"""Datasets, the seeded train/val/test split, feature standardisation and in-memory loaders.
+
+Every dataset becomes three ``Split``s of tensors: features ``x`` [N, F] (float32) and targets
+``y`` [N] (int64 class indices, or float32 for regression). Tables are small enough to live in
+memory, so batches are index slices of those tensors (on the training device when it fits):
+no per-sample ``Dataset.__getitem__`` and collate, which would dominate a small model's step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file, column or key and says how to fix it."""
+
+
+@dataclass
+class DataInfo:
+    """What the model, loss and metrics need to know about the data."""
+
+    task: str  # "classification" | "regression" | "lm"
+    num_features: int
+    num_classes: int  # 0 for regression
+    input_shape: tuple[int, ...] | None = None  # e.g. (1, 8, 8) for the digits images
+    class_names: list[str] | None = None
+    feature_names: list[str] | None = None
+    label_mapping: dict[str, int] | None = None  # string labels of a csv, in index order
+    target_mean: float = 0.0  # regression targets are standardised on train; metrics undo it
+    target_std: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
+
+
+@dataclass
+class Dataset:
+    train: Split
+    val: Split | None
+    test: Split
+    info: DataInfo
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _sklearn_table(name: str) -> tuple[np.ndarray, np.ndarray, DataInfo]:
+    from sklearn import datasets as skd
+
+    loader = {
+        "digits": skd.load_digits,
+        "breast_cancer": skd.load_breast_cancer,
+        "wine": skd.load_wine,
+        "diabetes": skd.load_diabetes,
+    }[name]
+    bunch = loader()
+    x = np.asarray(bunch.data, dtype=np.float32)
+    if name == "diabetes":
+        y = np.asarray(bunch.target, dtype=np.float32)
+        info = DataInfo("regression", x.shape[1], 0, feature_names=list(bunch.feature_names))
+        return x, y, info
+    y = np.asarray(bunch.target, dtype=np.int64)
+    names = [str(n) for n in getattr(bunch, "target_names", range(int(y.max()) + 1))]
+    info = DataInfo("classification", x.shape[1], len(names), class_names=names)
+    if name == "digits":
+        info.input_shape = (1, 8, 8)
+        info.class_names = [str(i) for i in range(10)]
+    else:
+        info.feature_names = [str(f) for f in bunch.feature_names]
+    return x, y, info
+
+
+def _synthetic_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
+    rng = np.random.default_rng(cfg.seed)
+    n, f, c = cfg.n_samples, cfg.n_features, cfg.n_classes
+    if c == 0:
+        w = rng.standard_normal(f).astype(np.float32)
+        x = rng.standard_normal((n, f), dtype=np.float32)
+        y = x @ w + cfg.noise * rng.standard_normal(n).astype(np.float32)
+        return x, y.astype(np.float32), DataInfo("regression", f, 0)
+    # Gaussian clusters whose centres sit ~2 std apart: learnable, not trivially separable.
+    centres = rng.standard_normal((c, f), dtype=np.float32) * (2.0 / math.sqrt(max(f, 1)) * 3)
+    y = rng.integers(0, c, size=n)
+    x = centres[y] + rng.standard_normal((n, f), dtype=np.float32)
+    flip = rng.random(n) < cfg.noise
+    y[flip] = rng.integers(0, c, size=int(flip.sum()))
+    return x.astype(np.float32), y.astype(np.int64), DataInfo("classification", f, c)
+
+
+def _read_frame(path: Path):
+    import pandas as pd
+
+    if not path.exists():
+        raise DataError(
+            f"data.path: file not found: {path} (relative paths resolve from the folder you ran "
+            f"the command in, {Path.cwd()}). Pass an existing .csv or .parquet file."
+        )
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as err:  # pandas raises many types; the user needs the file and the cause
+        if type(err).__name__ == "EmptyDataError":
+            raise DataError(f"data.path: {path} is empty: it has no header and no rows.") from err
+        raise DataError(f"data.path: could not read {path} as {suffix or 'csv'}: {err}") from err
+
+
+def _numeric_column(frame, column: str, path: Path) -> np.ndarray:
+    import pandas as pd
+
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = values.isna() & frame[column].notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{path}: feature column '{column}' holds non-numeric values (e.g. "
+            f"{frame[column].iloc[row]!r} in data row {row + 1}). Encode it as numbers, or leave it "
+            f"out with data.features=[...]."
+        )
+    array = values.to_numpy(dtype=np.float64)
+    finite = np.isfinite(array)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise DataError(
+            f"{path}: column '{column}' has {int((~finite).sum())} missing or infinite cells "
+            f"(first in data row {row + 1}). Fill or drop those rows before training."
+        )
+    return array.astype(np.float32)
+
+
+def _is_classification_target(values: np.ndarray) -> bool:
+    if values.dtype.kind in "OUSb":
+        return True
+    if values.dtype.kind in "iu":
+        return len(np.unique(values)) <= max(2, min(100, len(values) // 5))
+    if values.dtype.kind == "f":
+        whole = np.all(np.mod(values, 1) == 0)
+        return bool(whole) and len(np.unique(values)) <= max(2, min(100, len(values) // 5))
+    return False
+
+
+def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
+    path = Path(cfg.path).expanduser().resolve()
+    frame = _read_frame(path)
+    if len(frame) == 0:
+        raise DataError(f"data.path: {path} has a header but no data rows.")
+    columns = [str(c) for c in frame.columns]
+    frame.columns = columns
+    if cfg.target not in columns:
+        raise DataError(
+            f"data.target='{cfg.target}' is not a column of {path}. Its columns are: "
+            f"{', '.join(columns)}."
+        )
+    features = list(cfg.features) if cfg.features else [c for c in columns if c != cfg.target]
+    missing = [c for c in features if c not in columns]
+    if missing:
+        raise DataError(f"data.features: {missing} not found in {path}; columns are {columns}.")
+    if not features:
+        raise DataError(f"{path} has no feature columns besides the target '{cfg.target}'.")
+    x = np.stack([_numeric_column(frame, c, path) for c in features], axis=1)
+
+    target = frame[cfg.target]
+    if target.isna().any():
+        row = int(np.flatnonzero(target.isna().to_numpy())[0])
+        raise DataError(
+            f"{path}: target column '{cfg.target}' has {int(target.isna().sum())} empty cells "
+            f"(first in data row {row + 1}). Drop or fill those rows."
+        )
+    raw = target.to_numpy()
+    task = (
+        cfg.task
+        if cfg.task != "auto"
+        else ("classification" if _is_classification_target(raw) else "regression")
+    )
+    if task == "regression":
+        y = _numeric_column(frame, cfg.target, path)
+        return x, y, DataInfo("regression", x.shape[1], 0, feature_names=features)
+    # Classes are the sorted distinct labels; strings are mapped and the mapping is recorded.
+    labels = np.unique(raw.astype(str)) if raw.dtype.kind in "OUSb" else np.unique(raw)
+    index = {label: i for i, label in enumerate(labels.tolist())}
+    keyed = raw.astype(str) if raw.dtype.kind in "OUSb" else raw
+    y = np.array([index[v] for v in keyed.tolist()], dtype=np.int64)
+    if len(labels) < 2:
+        raise DataError(
+            f"{path}: target column '{cfg.target}' has a single class ({labels[0]!r}); a "
+            f"classifier needs at least two. Use data.task=regression for a numeric target."
+        )
+    names = [str(v) for v in labels.tolist()]
+    info = DataInfo(
+        "classification", x.shape[1], len(labels), class_names=names, feature_names=features
+    )
+    if raw.dtype.kind in "OUSb":
+        info.label_mapping = {name: i for i, name in enumerate(names)}
+    return x, y, info
+
+
+def load_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
+    """Return features [N, F] float32, targets [N], and what the rest of the engine needs."""
+    if cfg.name in ("digits", "breast_cancer", "wine", "diabetes"):
+        return _sklearn_table(cfg.name)
+    if cfg.name == "synthetic":
+        return _synthetic_table(cfg)
+    if cfg.name == "csv":
+        return _csv_table(cfg)
+    raise DataError(f"data.name='{cfg.name}' has no tabular loader.")
+
+
+# --------------------------------------------------------------------------------------------
+# Split and standardise
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, y=None):
+    """Seeded shuffle split; stratified by class when ``y`` holds classes, so small sets stay balanced."""
+    rng = np.random.default_rng(seed)
+    n_test = max(1, round(n * test_fraction))
+    n_val = round(n * val_fraction)
+    if n - n_test - n_val < 1:
+        raise DataError(
+            f"data: {n} rows are too few for val_fraction={val_fraction} and "
+            f"test_fraction={test_fraction}; lower them or add rows."
+        )
+    if y is None:
+        order = rng.permutation(n)
+    else:
+        # Interleave a shuffled list of each class so every prefix is close to class-balanced.
+        keys = np.empty(n)
+        for cls in np.unique(y):
+            members = np.flatnonzero(y == cls)
+            keys[members] = (rng.permutation(len(members)) + rng.random()) / len(members)
+        order = np.lexsort((rng.random(n), keys))
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def build_dataset(cfg: Any) -> Dataset:
+    """Load, split (seeded by ``data.split_seed``) and standardise on the training split only."""
+    if cfg.name == "text":
+        from engine.text import build_text_dataset
+
+        return build_text_dataset(cfg)
+    x, y, info = load_table(cfg)
+    if len(x) < 3:
+        raise DataError(f"data: {len(x)} rows are too few to split into train, val and test.")
+    classes = y if info.task == "classification" else None
+    tr, va, te = split_indices(len(x), cfg.val_fraction, cfg.test_fraction, cfg.split_seed, classes)
+    if cfg.standardize:
+        mean = x[tr].mean(axis=0)
+        std = x[tr].std(axis=0)
+        std[std < 1e-8] = 1.0  # constant columns stay constant instead of dividing by zero
+        x = (x - mean) / std
+    if info.task == "regression":
+        info.target_mean = float(y[tr].mean())
+        info.target_std = float(y[tr].std()) or 1.0
+        y = (y - info.target_mean) / info.target_std
+
+    def make(idx: np.ndarray) -> Split:
+        return Split(
+            torch.from_numpy(np.ascontiguousarray(x[idx])),
+            torch.from_numpy(np.ascontiguousarray(y[idx])),
+        )
+
+    return Dataset(make(tr), make(va) if len(va) else None, make(te), info)
+
+
+def write_data_info(info: DataInfo, run_dir: Path) -> None:
+    """Record what the run saw of its data, and the label mapping of string labels."""
+    (run_dir / "data_info.json").write_text(json.dumps(info.to_json(), indent=2))
+    if info.label_mapping:
+        (run_dir / "label_mapping.json").write_text(json.dumps(info.label_mapping, indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+
+
+class BatchLoader:
+    """Yields (x, y) batches as index slices of in-memory tensors.
+
+    The order of epoch ``e`` is a permutation drawn from ``seed + e`` alone, so a loader can be
+    rebuilt anywhere (after a resume, on another rank) and produce the same batches; ``start``
+    skips the batches an interrupted epoch already consumed. Under DDP each rank takes every
+    ``world_size``-th index of the padded permutation, as DistributedSampler does.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        n = len(split)
+        # Training pads so every rank runs the same number of steps; evaluation must count each
+        # row once, so it shards without padding (ranks may then differ by one row).
+        self.per_rank = math.ceil(n / world_size) if shuffle else len(range(rank, n, world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def _indices(self) -> torch.Tensor | None:
+        n = len(self.split)
+        if not self.shuffle and self.world_size == 1:
+            return None
+        if not self.shuffle:
+            return torch.arange(self.rank, n, self.world_size, device=self.split.x.device)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=gen)
+        total = self.per_rank * self.world_size
+        if total > n:  # pad by repeating the head so every rank gets the same number of rows
+            order = torch.cat([order, order[: total - n]])
+        return order[self.rank :: self.world_size].to(self.split.x.device)
+
+    def iter_from(self, start: int = 0):
+        """Batches of this epoch, beginning at batch index ``start``."""
+        indices = self._indices()
+        x, y, bs = self.split.x, self.split.y, self.batch_size
+        for b in range(start, len(self)):
+            if indices is None:
+                yield x[b * bs : (b + 1) * bs], y[b * bs : (b + 1) * bs]
+            else:
+                idx = indices[b * bs : (b + 1) * bs]
+                yield x.index_select(0, idx), y.index_select(0, idx)
+
+    def __iter__(self):
+        return self.iter_from(0)

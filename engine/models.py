@@ -1,0 +1,118 @@
+"""Models: linear, mlp, cnn (8x8 images), transformer (causal LM).
+
+Every model is ``head(body(x))`` with ``head`` an ``nn.Linear``: the loss can then take the last
+hidden state and the head weight straight into the fused linear cross-entropy, never holding the
+full [N, C] logits (see engine/losses.py). ``forward`` still returns logits, for evaluation.
+Regression models have one output and return predictions of shape [N].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.data import DataInfo
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class HeadModel(nn.Module):
+    """``body`` maps inputs to a hidden state [..., H]; ``head`` maps it to outputs [..., C]."""
+
+    body: nn.Module
+    head: nn.Linear
+
+    def __init__(self, body: nn.Module, head: nn.Linear, regression: bool):
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.regression = regression
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, head_loss=None):
+        hidden = self.body(x)
+        if head_loss is not None:  # fused training path: the loss never sees full logits
+            return head_loss(hidden, self.head.weight, self.head.bias, target)
+        out = self.head(hidden)
+        return out.squeeze(-1) if self.regression else out
+
+
+def _mlp_body(in_features: int, widths: list[int], cfg: Any) -> tuple[nn.Module, int]:
+    layers: list[nn.Module] = []
+    width = in_features
+    for hidden in widths:
+        layers.append(nn.Linear(width, hidden))
+        if cfg.norm == "batch":
+            layers.append(nn.BatchNorm1d(hidden))
+        elif cfg.norm == "layer":
+            layers.append(nn.LayerNorm(hidden))
+        layers.append(_ACTIVATIONS[cfg.activation]())
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        width = hidden
+    return nn.Sequential(*layers), width
+
+
+class ConvBody(nn.Module):
+    """Conv blocks (3x3 conv, batch norm, activation) with a 2x2 pool between blocks, then a
+    global average pool and a hidden layer. Sized for small images such as the 8x8 digits."""
+
+    def __init__(self, input_shape: tuple[int, ...], cfg: Any):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        channels_in = input_shape[0]
+        blocks: list[nn.Module] = []
+        size = min(input_shape[1:])
+        for i, channels in enumerate(cfg.channels):
+            blocks += [
+                nn.Conv2d(channels_in, channels, 3, padding=1),
+                nn.BatchNorm2d(channels),
+                _ACTIVATIONS[cfg.activation](),
+            ]
+            if i < len(cfg.channels) - 1 and size >= 4:
+                blocks.append(nn.MaxPool2d(2))
+                size //= 2
+            channels_in = channels
+        self.features = nn.Sequential(*blocks)
+        self.proj = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels_in, cfg.hidden),
+            _ACTIVATIONS[cfg.activation](),
+            nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], *self.input_shape)  # rows of pixels -> [N, C, H, W]
+        x = self.features(x).mean(dim=(2, 3), keepdim=True)
+        return self.proj(x)
+
+
+def build_model(cfg: Any, info: DataInfo) -> nn.Module:
+    """Build the model named by ``model.name`` for the data described by ``info``."""
+    regression = info.task == "regression"
+    outputs = 1 if regression else info.num_classes
+    if cfg.name == "transformer":
+        from engine.transformer import build_transformer
+
+        return build_transformer(cfg, info)
+    if info.task == "lm":
+        raise ValueError(
+            f"model={cfg.name} cannot train data=text (a language model): use model=transformer."
+        )
+    if cfg.name == "linear":
+        return HeadModel(nn.Identity(), nn.Linear(info.num_features, outputs), regression)
+    if cfg.name == "mlp":
+        widths = list(cfg.hidden_sizes) if cfg.hidden_sizes else [cfg.hidden] * cfg.depth
+        body, width = _mlp_body(info.num_features, widths, cfg)
+        return HeadModel(body, nn.Linear(width, outputs), regression)
+    if cfg.name == "cnn":
+        if info.input_shape is None:
+            raise ValueError(
+                "model=cnn needs image-shaped data (data=digits gives 1x8x8 images); this data "
+                "has plain feature columns: use model=mlp or model=linear."
+            )
+        return HeadModel(
+            ConvBody(info.input_shape, cfg), nn.Linear(cfg.hidden, outputs), regression
+        )
+    raise ValueError(f"model.name='{cfg.name}' is unknown; choose linear, mlp, cnn or transformer.")

@@ -1,0 +1,49 @@
+"""Optimizers and learning-rate schedules (stepped once per optimizer step)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (1-D parameters): decaying them only hurts.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    raise ValueError(f"optim.name='{cfg.name}' is unknown; choose adamw, adam or sgd.")
+
+
+def lr_factor(cfg: Any, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr after ``step`` optimizer steps out of ``total_steps``."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_fraction * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.name == "cosine":
+        span = max(1, total_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "step":
+        epoch = step // max(1, steps_per_epoch)
+        return cfg.gamma ** (epoch // cfg.step_size)
+    return 1.0
+
+
+def build_scheduler(
+    cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, total_steps, steps_per_epoch)
+    )

@@ -1,0 +1,134 @@
+"""TensorBoard output of a run: scalars, the resolved config as text, and an HPARAMS session.
+
+The HParams dashboard lists a run when its event files hold three plugin summaries: the
+experiment (which hyperparameters and metric tags exist), the session start (this run's values)
+and the session end (its status). torch's ``add_hparams`` writes them into a new sub-folder and
+always says "success"; we write them into the run's own ``tb/`` folder, next to the scalars they
+refer to, with the real status (a pruned or failed sweep trial shows as such).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import struct_pb2
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+_PLUGIN = "hparams"
+_STATUS = {
+    "success": api_pb2.Status.Value("STATUS_SUCCESS"),
+    "failure": api_pb2.Status.Value("STATUS_FAILURE"),
+    "running": api_pb2.Status.Value("STATUS_RUNNING"),
+    "unknown": api_pb2.Status.Value("STATUS_UNKNOWN"),
+}
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``; lists and None become strings."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    data.version = 0
+    meta = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name=_PLUGIN, content=data.SerializeToString()
+        )
+    )
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def _hparam_value(value: Any) -> struct_pb2.Value:
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, int | float):
+        return struct_pb2.Value(number_value=float(value))
+    return struct_pb2.Value(string_value=str(value))
+
+
+def _hparam_type(value: Any) -> int:
+    if isinstance(value, bool):
+        return api_pb2.DataType.Value("DATA_TYPE_BOOL")
+    if isinstance(value, int | float):
+        return api_pb2.DataType.Value("DATA_TYPE_FLOAT64")
+    return api_pb2.DataType.Value("DATA_TYPE_STRING")
+
+
+def experiment_summary(hparams: Mapping[str, Any], metric_tags: list[str]) -> Summary:
+    experiment = api_pb2.Experiment(
+        hparam_infos=[api_pb2.HParamInfo(name=k, type=_hparam_type(v)) for k, v in hparams.items()],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metric_tags],
+    )
+    return _plugin_summary(
+        "_hparams_/experiment", plugin_data_pb2.HParamsPluginData(experiment=experiment)
+    )
+
+
+def session_start_summary(hparams: Mapping[str, Any], group: str = "") -> Summary:
+    start = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
+    for key, value in hparams.items():
+        start.hparams[key].CopyFrom(_hparam_value(value))
+    return _plugin_summary(
+        "_hparams_/session_start_info", plugin_data_pb2.HParamsPluginData(session_start_info=start)
+    )
+
+
+def session_end_summary(status: str) -> Summary:
+    end = plugin_data_pb2.SessionEndInfo(status=_STATUS[status], end_time_secs=time.time())
+    return _plugin_summary(
+        "_hparams_/session_end_info", plugin_data_pb2.HParamsPluginData(session_end_info=end)
+    )
+
+
+class TBLogger:
+    """The run's TensorBoard writer. ``purge_step`` drops, in TensorBoard's view, everything an
+    interrupted earlier attempt logged at or after that step, so a resumed curve has no duplicates."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=10)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        for tag, value in values.items():
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, markdown: str, step: int = 0) -> None:
+        self.writer.add_text(tag, markdown, step)
+
+    def hparams_start(
+        self, hparams: Mapping[str, Any], metric_tags: list[str], group: str = ""
+    ) -> None:
+        fw = self.writer._get_file_writer()
+        fw.add_summary(experiment_summary(hparams, metric_tags))
+        fw.add_summary(session_start_summary(hparams, group))
+
+    def hparams_end(self, status: str) -> None:
+        self.writer._get_file_writer().add_summary(session_end_summary(status))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class NullLogger:
+    """What ranks other than 0 log to under DDP: nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -1,0 +1,299 @@
+"""Entry point: ``python -m engine.train [overrides]`` (and ``-m search=...`` to sweep).
+
+config -> build (data, model, loss, optimizer) -> fit -> test with the best weights -> log.
+``run`` is the whole job as a function; a sweep trial calls it too, in its own run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from engine import checkpoint as ckpt
+from engine import distributed as dist
+from engine.config import ConfigError, check_override_keys, register_configs, validate
+from engine.data import BatchLoader, DataError, DataInfo, build_dataset, write_data_info
+from engine.losses import Objective, resolve_loss_name
+from engine.models import build_model
+from engine.optim import build_optimizer, build_scheduler
+from engine.tb import NullLogger, TBLogger, flatten
+from engine.trainer import NonFiniteError, Trainer, pick_device, pick_precision
+
+log = logging.getLogger("engine")
+
+# Errors a user can fix from the message alone: shown without a traceback, exit code 2.
+USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, NonFiniteError, ValueError)
+
+# What a resumed run must share with the run that wrote the checkpoint.
+_RESUME_KEYS = (
+    "data",
+    "model",
+    "loss",
+    "optim.name",
+    "trainer.seed",
+    "trainer.accumulate_grad_batches",
+)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def metric_names(info: DataInfo, top_k: int = 5) -> list[str]:
+    """The keys the metrics report for this data (without the split prefix)."""
+    if info.task == "regression":
+        return ["mse", "rmse", "mae", "r2"]
+    names = ["acc", "precision", "recall", "f1"]
+    if info.num_classes > top_k:
+        names.append(f"top{top_k}")
+    return names + ["ece"]
+
+
+def make_metrics_factory(info: DataInfo, device: torch.device) -> Callable[[], Any]:
+    from engine.metrics import ClassificationMetrics, RegressionMetrics
+
+    if info.task == "regression":
+        return lambda: RegressionMetrics().to(device)
+    return lambda: ClassificationMetrics(info.num_classes).to(device)
+
+
+def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat = flatten(container)
+    return {
+        k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in _RESUME_KEYS)
+    }
+
+
+def _resume_path(setting: str, run_dir: Path) -> Path | None:
+    if setting == "never":
+        return None
+    if setting == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.exists() else None
+    return Path(setting).expanduser()
+
+
+@dataclass
+class Job:
+    """Everything a run builds before training; ``run`` = ``build_job`` + ``finish_job``."""
+
+    cfg: DictConfig
+    run_dir: Path
+    trainer: Trainer
+    model: torch.nn.Module
+    info: DataInfo
+    test_loader: BatchLoader
+    logger: Any
+    is_main: bool
+
+
+def build_job(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+    hparams_group: str = "",
+) -> Job:
+    """Validate, then build data, model, objective, optimizer and trainer (resumed if asked)."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    # Plain dataclasses from here on: OmegaConf attribute access is too slow for a per-step path.
+    t = OmegaConf.to_object(cfg.trainer)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = pick_device(t.device)
+    precision = pick_precision(t.precision, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world_size = dist.init(device)
+    seed_everything(t.seed)
+
+    dataset = build_dataset(cfg.data)
+    info = dataset.info
+    resolve_loss_name(cfg.loss, info)  # a loss that does not fit the task fails before any compute
+    splits = {k: getattr(dataset, k) for k in ("train", "val", "test")}
+    if cfg.data.on_device:
+        splits = {k: (v.to(device) if v is not None else None) for k, v in splits.items()}
+    train_loader = BatchLoader(
+        splits["train"],
+        cfg.data.batch_size,
+        shuffle=True,
+        seed=t.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+
+    def eval_loader(split):
+        if split is None:
+            return None
+        return BatchLoader(
+            split, cfg.data.eval_batch_size, shuffle=False, rank=rank, world_size=world_size
+        )
+
+    model = build_model(cfg.model, info).to(device)
+    fused_head = bool(cfg.model.fused_head) and cfg.loss.fused
+    objective = Objective(cfg.loss, info, fused_head=fused_head)
+    optimizer = build_optimizer(cfg.optim, model)
+    steps_per_epoch = -(-len(train_loader) // t.accumulate_grad_batches)
+    scheduler = build_scheduler(
+        OmegaConf.to_object(cfg.sched), optimizer, steps_per_epoch * t.max_epochs, steps_per_epoch
+    )
+    wrapped: torch.nn.Module = model
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if t.compile:
+        wrapped = torch.compile(wrapped)
+
+    resume = _resume_path(t.resume, run_dir)
+    is_main = rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_data_info(info, run_dir)
+    trainer = Trainer(
+        t,
+        model=wrapped,
+        objective=objective,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        val_loader=eval_loader(splits["val"]),
+        make_metrics=make_metrics_factory(info, device),
+        info=info,
+        device=device,
+        precision=precision,
+        run_dir=run_dir,
+        logger=NullLogger(),
+        rank=rank,
+        world_size=world_size,
+        epoch_callback=epoch_callback,
+        config_fingerprint=_fingerprint(cfg),
+    )
+    if resume is not None:
+        trainer.resume_from(resume)
+    logger: Any = NullLogger()
+    if is_main:
+        logger = TBLogger(
+            run_dir / "tb", purge_step=trainer.state.global_step + 1 if resume else None
+        )
+        trainer.logger = logger
+        hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
+        hparams.pop("search", None)
+        tags = [f"{split}/{n}" for split in ("val", "test") for n in ["loss", *metric_names(info)]]
+        logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg) + "\n```")
+        logger.hparams_start(hparams, tags, group=hparams_group)
+    log.info(
+        "data=%s (%s, %d train / %d val / %d test rows)  model=%s (%.3gM params)  device=%s  precision=%s%s",
+        cfg.data.name,
+        info.task,
+        len(dataset.train),
+        len(dataset.val) if dataset.val is not None else 0,
+        len(dataset.test),
+        cfg.model.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        device,
+        precision,
+        f"  world_size={world_size}" if world_size > 1 else "",
+    )
+    return Job(cfg, run_dir, trainer, model, info, eval_loader(splits["test"]), logger, is_main)
+
+
+def finish_job(job: Job) -> dict[str, float]:
+    """Fit (unless the resumed run had finished), test with the best weights, write the results."""
+    trainer, t, logger = job.trainer, job.trainer.cfg, job.logger
+    status = "failure"
+    try:
+        best_val = (
+            trainer.fit() if trainer.state.epoch < t.max_epochs else trainer.state.best_metrics
+        )
+        if trainer.stop_reason:
+            log.info(trainer.stop_reason)
+        best = job.run_dir / "checkpoints" / "best.pt"
+        if best.exists() and t.save_checkpoints:
+            state = torch.load(best, map_location=trainer.device, weights_only=True)
+            job.model.load_state_dict(state["model"])
+        test = trainer.evaluate(job.test_loader, "test")
+        results = {k: v for k, v in best_val.items() if k.startswith("val/")}
+        results["train/loss"] = trainer.state.last_metrics.get("train/loss", float("nan"))
+        results.update(test)
+        if job.is_main:
+            logger.scalars(test, trainer.state.global_step)
+            if job.info.task == "classification":
+                _log_figures(logger, trainer.last_eval_metrics, job.info, trainer.state.global_step)
+        status = "success"
+    finally:
+        if job.is_main:
+            logger.hparams_end(status)
+            logger.close()
+    if job.is_main:
+        (job.run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        log.info("%s", format_table(results))
+        log.info("run dir: %s", job.run_dir)
+    return results
+
+
+def run(cfg: DictConfig, run_dir: Path, **job_options: Any) -> dict[str, float]:
+    """Train and test one configuration in ``run_dir``; return the flat metrics dict."""
+    return finish_job(build_job(cfg, run_dir, **job_options))
+
+
+def _log_figures(logger: TBLogger, metrics: Any, info: DataInfo, step: int) -> None:
+    try:
+        from engine.plots import log_classification_figures
+    except ImportError:
+        return
+    log_classification_figures(logger.writer, metrics, info.class_names, step)
+
+
+def format_table(results: dict[str, float]) -> str:
+    """Final metrics as a two-column (val, test) table."""
+    names = sorted({k.split("/", 1)[1] for k in results if k.startswith(("val/", "test/"))})
+    rows = [f"{'metric':<12}{'val':>10}{'test':>10}"]
+    for name in names:
+        cells = [results.get(f"{split}/{name}") for split in ("val", "test")]
+        rows.append(
+            f"{name:<12}" + "".join(f"{c:>10.4f}" if c is not None else f"{'-':>10}" for c in cells)
+        )
+    return "\n".join(rows)
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = run(cfg, run_dir)
+    except USER_ERRORS as err:
+        log.debug("traceback", exc_info=True)  # kept in train.log for bug reports
+        log.error("error: %s", err)
+        dist.shutdown()
+        sys.exit(2)
+    dist.shutdown()
+    metric = (cfg.search or {}).get("metric") if cfg.search else None
+    return results.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    problem = check_override_keys(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    main()

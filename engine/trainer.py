@@ -1,0 +1,491 @@
+"""The training loop: precision, accumulation, clipping, evaluation, early stopping, NaN guard,
+checkpoints and exact resume.
+
+Reading order: ``Trainer`` attributes, ``fit`` (epochs), ``train_epoch`` (batches),
+``optimizer_step`` (the guarded step), ``evaluate``, then ``state_dict``/``load_state_dict``.
+
+Exact resume rests on three facts: the data order of an epoch is a function of (seed, epoch)
+alone (engine/data.py), every RNG is saved with the counters, and checkpoints are only taken on
+optimizer-step boundaries (no half-accumulated gradients to lose).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import checkpoint as ckpt
+from engine import distributed as dist
+from engine.data import BatchLoader, DataInfo
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients stopped being finite; the message names the step."""
+
+
+@dataclass
+class FitState:
+    """Counters saved with every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches of epoch ``epoch`` already consumed (mid-epoch checkpoint)
+    global_step: int = 0  # optimizer steps taken
+    samples_seen: int = 0
+    best_value: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the monitored metric last improved
+    nan_skips: int = 0
+    epoch_loss_sum: float = 0.0  # running sums of the interrupted epoch, for its mean loss
+    epoch_loss_count: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"trainer.device={name} but no CUDA GPU is visible to torch; use trainer.device=cpu "
+                f"or trainer.device=auto."
+            )
+        index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"trainer.device={name} but only {torch.cuda.device_count()} GPU(s) are visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})."
+            )
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError(
+            "trainer.precision=fp16 needs a CUDA device (its grad scaler is CUDA-only); on CPU use "
+            "trainer.precision=fp32 or bf16."
+        )
+    return name
+
+
+def resolve_monitor(monitor: str, mode: str, info: DataInfo) -> tuple[str, str]:
+    if monitor == "auto":
+        monitor = {"classification": "val/acc", "regression": "val/rmse", "lm": "val/loss"}[
+            info.task
+        ]
+    if mode == "auto":
+        higher = ("acc", "precision", "recall", "f1", "top", "r2")
+        mode = "max" if any(h in monitor.rsplit("/", 1)[-1] for h in higher) else "min"
+    return monitor, mode
+
+
+class Trainer:
+    """Fits ``model`` on ``train_loader``, evaluating on ``val_loader`` after every epoch."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        model: nn.Module,
+        objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_loader: BatchLoader,
+        val_loader: BatchLoader | None,
+        make_metrics: Callable[[], Any],
+        info: DataInfo,
+        device: torch.device,
+        precision: str,
+        run_dir: Path,
+        logger: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+        config_fingerprint: dict[str, Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.model = model  # possibly wrapped (DDP, torch.compile)
+        self.raw_model = _unwrap(model)
+        self.objective = objective
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.make_metrics = make_metrics
+        self.info = info
+        self.device = device
+        self.precision = precision
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.logger = logger
+        self.rank = rank
+        self.world_size = world_size
+        self.is_main = rank == 0
+        self.epoch_callback = epoch_callback
+        self.config_fingerprint = config_fingerprint or {}
+        self.state = FitState()
+        self.monitor, self.monitor_mode = resolve_monitor(cfg.monitor, cfg.monitor_mode, info)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.progress = _progress_mode(cfg.progress)
+        self.stop_reason = ""
+        self.checkpointer = ckpt.AsyncCheckpointer()
+
+    # ----------------------------------------------------------------------------------------
+    # epochs
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``max_epochs`` (or an early stop); return the best epoch's val metrics."""
+        try:
+            return self._fit()
+        finally:
+            self.checkpointer.wait()  # every checkpoint is on disk before fit returns or raises
+
+    def _fit(self) -> dict[str, float]:
+        start = time.perf_counter()
+        for epoch in range(self.state.epoch, self.cfg.max_epochs):
+            self.train_loader.set_epoch(epoch)
+            epoch_start = time.perf_counter()
+            train_loss, samples = self.train_epoch(epoch)
+            seconds = time.perf_counter() - epoch_start
+            metrics = {"train/loss": train_loss}
+            if self.val_loader is not None:
+                metrics.update(self.evaluate(self.val_loader, "val"))
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
+            self._end_epoch(epoch, metrics)
+            self._log_epoch(epoch, metrics, seconds)
+            if self.epoch_callback is not None:
+                self.epoch_callback(epoch, metrics)
+            if self.stop_reason:
+                break
+        log.info("training took %.1f s", time.perf_counter() - start)
+        return dict(self.state.best_metrics or self.state.last_metrics)
+
+    def _end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Update best/early-stop state, then checkpoint (last, and best on improvement)."""
+        s = self.state
+        s.epoch = epoch + 1
+        s.batch_in_epoch = 0
+        s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
+        s.last_metrics = metrics
+        value = metrics.get(self.monitor)
+        if value is None and self.val_loader is not None:
+            raise ValueError(
+                f"trainer.monitor={self.monitor} is not among this run's metrics "
+                f"({', '.join(sorted(metrics))}); pick one of them."
+            )
+        improved = (
+            value is None
+            or s.best_value is None
+            or (value > s.best_value if self.monitor_mode == "max" else value < s.best_value)
+        )
+        if improved:
+            s.best_value, s.best_epoch, s.bad_epochs = value, epoch, 0
+            s.best_metrics = dict(metrics)
+        else:
+            s.bad_epochs += 1
+            if self.cfg.early_stop_patience and s.bad_epochs >= self.cfg.early_stop_patience:
+                self.stop_reason = (
+                    f"early stop: {self.monitor} has not improved for {s.bad_epochs} epochs "
+                    f"(best {s.best_value:.4g} at epoch {s.best_epoch + 1})"
+                )
+        self.save_checkpoint(best=improved)
+
+    # ----------------------------------------------------------------------------------------
+    # batches
+
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One pass over the training batches, from where an interrupted epoch stopped."""
+        s = self.state
+        model, loader = self.model, self.train_loader
+        model.train()
+        accumulate = self.cfg.accumulate_grad_batches
+        n_batches = len(loader)
+        first = s.batch_in_epoch
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        samples = 0
+        bar = self._bar(epoch, n_batches, first)
+        autocast = self._autocast()
+        for b, (x, y) in enumerate(loader.iter_from(first), start=first):
+            if x.device != self.device:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast:
+                loss = self.objective(model, x, y)
+            scaled = loss / accumulate if accumulate > 1 else loss
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach() * x.shape[0]
+            samples += x.shape[0]
+            if (b + 1) % accumulate == 0 or b + 1 == n_batches:
+                loss_value = self.optimizer_step(loss.detach(), epoch, b)
+                s.batch_in_epoch = b + 1
+                if self.is_main and s.global_step % self.cfg.log_every_n_steps == 0:
+                    self.logger.scalars({"train/loss": loss_value}, s.global_step)
+                if bar is not None:
+                    bar.update(b + 1 - bar.n)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                n = self.cfg.ckpt_every_n_steps
+                if n and s.global_step % n == 0 and b + 1 < n_batches:
+                    self._save_mid_epoch(loss_sum, samples)
+        if bar is not None:
+            bar.close()
+        total = float(loss_sum) + s.epoch_loss_sum
+        count = samples + s.epoch_loss_count
+        s.samples_seen += samples
+        return total / max(count, 1), samples
+
+    def optimizer_step(self, loss: torch.Tensor, epoch: int, batch: int) -> float:
+        """Unscale, clip, check finiteness on every rank alike, then step (or skip, or stop).
+
+        One host sync per optimizer step reads the loss and the gradient norm together; the
+        check must come before ``optimizer.step`` or a NaN is already in the weights.
+        """
+        s = self.state
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        else:
+            norm = _grad_norm(self.params, self.device)
+        loss_value, norm_value = torch.stack([loss.float(), norm.float()]).tolist()
+        # Gradients are identical on every rank after DDP's all-reduce, so the gradient norm
+        # gives every rank the same verdict; fp16's scaler treats inf gradients as routine.
+        grads_bad = not math.isfinite(norm_value) and self.scaler is None
+        loss_bad = not math.isfinite(loss_value) and self.world_size == 1
+        if grads_bad or loss_bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if loss_bad else "gradient norm"
+            where = f"step {s.global_step + 1} (epoch {epoch + 1}, batch {batch + 1})"
+            if self.cfg.on_nan == "skip" and s.nan_skips < self.cfg.max_nan_skips:
+                s.nan_skips += 1
+                log.warning(
+                    "non-finite %s at %s: step skipped (%d so far)", what, where, s.nan_skips
+                )
+                return loss_value
+            self.checkpointer.wait()
+            last = self.ckpt_dir / "last.pt"
+            good = (
+                f"the last good checkpoint is {last}"
+                if last.exists()
+                else "no checkpoint was written yet"
+            )
+            skipped = f" after {s.nan_skips} skipped steps" if s.nan_skips else ""
+            raise NonFiniteError(
+                f"non-finite {what} ({loss_value if loss_bad else norm_value}) at {where}{skipped}; "
+                f"the optimizer did not step, {good}. Lower optim.lr, set trainer.grad_clip, or use "
+                f"trainer.on_nan=skip."
+            )
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        s.global_step += 1
+        return loss_value
+
+    # ----------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
+        """Loss and metrics over a whole split (summed over ranks under DDP)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        metrics = self.make_metrics()
+        loss_sum = torch.zeros(2, device=self.device, dtype=torch.float64)
+        eval_loss = self.objective.logits_loss
+        regression = self.info.task == "regression"
+        with self._autocast():
+            for x, y in loader:
+                if x.device != self.device:
+                    x, y = (
+                        x.to(self.device, non_blocking=True),
+                        y.to(self.device, non_blocking=True),
+                    )
+                out = model(x)
+                out = out.float() if regression else out
+                loss_sum[0] += eval_loss(out, y).double() * y.numel()
+                loss_sum[1] += y.numel()
+                if regression:  # metrics in the target's own units
+                    mean, std = self.info.target_mean, self.info.target_std
+                    metrics.update(out * std + mean, y * std + mean)
+                else:
+                    metrics.update(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        dist.all_reduce_sum(loss_sum)
+        results = {f"{prefix}/loss": float(loss_sum[0] / loss_sum[1].clamp(min=1))}
+        results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
+        if self.info.task == "lm":
+            results[f"{prefix}/perplexity"] = math.exp(min(results[f"{prefix}/loss"], 50.0))
+        self.last_eval_metrics = metrics
+        model.train(was_training)
+        return results
+
+    # ----------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": ckpt.rng_state(),
+            "fit": asdict(self.state),
+            "world_size": self.world_size,
+            "config": self.config_fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        self._check_compatible(state, source)
+        try:
+            self.raw_model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ckpt.CheckpointError(
+                f"checkpoint {source} does not fit this model: {_first_lines(err)}. It was written "
+                f"by a run with another model config; use trainer.resume=never or another run dir."
+            ) from err
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.state = FitState(**state["fit"])
+
+    def _check_compatible(self, state: dict[str, Any], source: Path) -> None:
+        if state.get("world_size", 1) != self.world_size:
+            raise ckpt.CheckpointError(
+                f"checkpoint {source} was written with world size {state.get('world_size')}, this "
+                f"run has {self.world_size}: the data order would differ. Resume with the same "
+                f"number of processes, or start over with trainer.resume=never."
+            )
+        saved = state.get("config", {})
+        changed = [
+            f"{k}: {saved[k]!r} -> {v!r}"
+            for k, v in self.config_fingerprint.items()
+            if k in saved and saved[k] != v
+        ]
+        if changed:
+            raise ckpt.CheckpointError(
+                f"checkpoint {source} was written by a run whose config differs in what resuming "
+                f"depends on ({'; '.join(changed)}). Restore those values, or start over with "
+                f"trainer.resume=never (or another hydra.run.dir)."
+            )
+
+    def resume_from(self, path: Path) -> None:
+        self.load_state_dict(ckpt.load(path), path)
+        log.info(
+            "resumed from %s at epoch %d, batch %d, step %d",
+            path,
+            self.state.epoch + 1,
+            self.state.batch_in_epoch,
+            self.state.global_step,
+        )
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        if not (self.is_main and self.cfg.save_checkpoints):
+            return
+        best_path = self.ckpt_dir / "best.pt" if best else None
+        self.checkpointer.save(self.state_dict(), self.ckpt_dir / "last.pt", best_path)
+
+    def _save_mid_epoch(self, loss_sum: torch.Tensor, samples: int) -> None:
+        s = self.state
+        saved = (s.epoch_loss_sum, s.epoch_loss_count)
+        s.epoch_loss_sum, s.epoch_loss_count = saved[0] + float(loss_sum), saved[1] + samples
+        try:
+            self.save_checkpoint()
+        finally:
+            s.epoch_loss_sum, s.epoch_loss_count = saved
+
+    # ----------------------------------------------------------------------------------------
+    # helpers
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _bar(self, epoch: int, total: int, initial: int):
+        if self.progress != "bar" or not self.is_main:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=f"epoch {epoch + 1}/{self.cfg.max_epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0.2,
+        )
+
+    def _log_epoch(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        if not self.is_main:
+            return
+        self.logger.scalars(metrics | {"epoch": epoch + 1}, self.state.global_step)
+        if self.progress == "none":
+            return
+        shown = (
+            "train/loss",
+            "val/loss",
+            "val/acc",
+            "val/f1",
+            "val/rmse",
+            "val/r2",
+            "val/perplexity",
+        )
+        parts = [f"{k} {metrics[k]:.4f}" for k in shown if k in metrics]
+        log.info(
+            "epoch %d/%d  %s  %.0f samples/s  %.2fs%s",
+            epoch + 1,
+            self.cfg.max_epochs,
+            "  ".join(parts),
+            metrics["throughput/samples_per_s"],
+            seconds,
+            "  *" if self.state.best_epoch == epoch else "",
+        )
+
+
+def _progress_mode(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bar" if sys.stderr.isatty() else "epoch"
+
+
+def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)
+
+
+def _first_lines(err: Exception, n: int = 3) -> str:
+    return " ".join(str(err).strip().splitlines()[:n])

@@ -1,0 +1,70 @@
+"""Every bad-data case fails through the real CLI with a message naming the file, column or key,
+and leaves no checkpoint behind."""
+
+from __future__ import annotations
+
+import pytest
+
+GOOD_ROWS = [f"{i},{i % 3},{i % 2}" for i in range(30)]
+
+CASES = {
+    "missing_target_column": ("x,y,z", GOOD_ROWS, "data.target='label' is not a column"),
+    "non_numeric_feature": (
+        "x,y,label",
+        ["1,abc,0"] + GOOD_ROWS,
+        "feature column 'y' holds non-numeric",
+    ),
+    "nan_cell": ("x,y,label", ["1,,0"] + GOOD_ROWS, "column 'y' has 1 missing or infinite"),
+    "inf_cell": ("x,y,label", ["inf,1,0"] + GOOD_ROWS, "column 'x' has 1 missing or infinite"),
+    "empty_table": ("x,y,label", [], "has a header but no data rows"),
+    "single_class": ("x,y,label", [f"{i},{i},same" for i in range(20)], "has a single class"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_csv_is_refused_with_a_clear_message(cli, tmp_path, case):
+    header, rows, message = CASES[case]
+    (tmp_path / "bad.csv").write_text("\n".join([header, *rows]) + "\n")
+    run_dir = tmp_path / "run"
+    result = cli(
+        "data=csv",
+        "data.path=bad.csv",
+        "data.target=label",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stdout
+    assert "bad.csv" in result.stdout or "data.target" in result.stdout
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_missing_file_names_the_path(cli, tmp_path):
+    result = cli(
+        "data=csv",
+        "data.path=missing.csv",
+        "data.target=label",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert f"file not found: {tmp_path / 'missing.csv'}" in result.stdout
+
+
+def test_a_zero_byte_file_is_called_empty(cli, tmp_path):
+    (tmp_path / "zero.csv").write_text("")
+    result = cli(
+        "data=csv",
+        "data.path=zero.csv",
+        "data.target=label",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "zero.csv is empty" in result.stdout
+
+
+def test_csv_without_path_or_target_says_which_key_to_set(cli, tmp_path):
+    result = cli("data=csv", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data.path" in result.stdout
