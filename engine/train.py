@@ -235,6 +235,10 @@ def finish_job(job: Job) -> dict[str, float]:
             if job.info.task == "classification":
                 _log_figures(logger, trainer.last_eval_metrics, job.info, trainer.state.global_step)
         status = "success"
+    except BaseException as err:
+        # A sweep's pruning exception says how HPARAMS should show the trial; anything else failed.
+        status = getattr(err, "hparams_status", "failure")
+        raise
     finally:
         if job.is_main:
             logger.hparams_end(status)
