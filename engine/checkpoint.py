@@ -14,6 +14,7 @@ The saved state holds only tensors and plain Python containers, so it loads with
 from __future__ import annotations
 
 import errno
+import io
 import os
 import random
 import shutil
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from engine import faults
 
 
 class CheckpointError(RuntimeError):
@@ -49,7 +52,10 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            if faults.KILL_DURING_SAVE:
+                _save_with_fault(state, f)
+            else:
+                torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,6 +65,8 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         reason = {
             errno.ENOSPC: "the disk is full",
             errno.EACCES: "the folder is not writable",
+            errno.EPERM: "the folder is not writable",
+            errno.EFBIG: "the file exceeds the size limit of this process or filesystem",
             errno.EROFS: "the filesystem is read-only",
             errno.EDQUOT: "the disk quota is exceeded",
         }.get(err.errno, str(err))
@@ -68,6 +76,25 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
             f"folder writable (or move it with hydra.run.dir=...), then resume with "
             f"trainer.resume=auto."
         ) from err
+
+
+def _save_with_fault(state: dict[str, Any], f) -> None:
+    """torch.save, with the armed fault fired once half of the bytes are on disk."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    faults.during_save()
+    f.write(data[len(data) // 2 :])
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the half-written temporary files a killed writer left behind; return them."""
+    stale = sorted(Path(folder).glob(".*.tmp.*")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def link_best(last: Path, best: Path) -> None:

@@ -4,6 +4,7 @@ trainer needs. Without torchrun's environment everything here is a no-op for one
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,31 @@ import torch.distributed as dist
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun each process drives the GPU of its local rank."""
+    if launched_by_torchrun() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def share_run_dir(argv: list[str]) -> list[str]:
+    """Give every torchrun rank rank 0's run dir.
+
+    Hydra's default run dir is a timestamp that each rank computes on its own, seconds apart, so
+    ranks would write into different folders. Rank 0's timestamp is broadcast instead and passed
+    as an explicit ``hydra.run.dir`` override (unless the user gave one).
+    """
+    explicit = any(a.startswith("hydra.run.dir=") for a in argv)
+    if not launched_by_torchrun() or explicit or {"-m", "--multirun"} & set(argv):
+        return argv
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        )
+    stamp = broadcast_object(time.strftime("%Y-%m-%d_%H-%M-%S"))
+    return [*argv, f"hydra.run.dir=outputs/runs/{stamp}"]
 
 
 def init(device: torch.device) -> tuple[int, int]:

@@ -115,11 +115,13 @@ def build_job(
     t = OmegaConf.to_object(cfg.trainer)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    device = pick_device(t.device)
+    device = dist.local_device(pick_device(t.device))
     precision = pick_precision(t.precision, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     rank, world_size = dist.init(device)
+    if rank != 0:  # one console and one train.log voice: rank 0's
+        logging.getLogger().setLevel(logging.WARNING)
     seed_everything(t.seed)
 
     dataset = build_dataset(cfg.data)
@@ -164,6 +166,8 @@ def build_job(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_data_info(info, run_dir)
+        for path in ckpt.remove_stale_temporaries(run_dir / "checkpoints"):
+            log.info("removed %s, left half-written by an interrupted save", path.name)
     trainer = Trainer(
         t,
         model=wrapped,
@@ -300,4 +304,5 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    sys.argv = [sys.argv[0], *dist.share_run_dir(sys.argv[1:])]
     main()

@@ -26,6 +26,7 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine import distributed as dist
+from engine import faults
 from engine.data import BatchLoader, DataInfo
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class Trainer:
             if self.val_loader is not None:
                 metrics.update(self.evaluate(self.val_loader, "val"))
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-            metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
+            metrics["throughput/samples_per_s"] = samples * self.world_size / max(seconds, 1e-9)
             self._end_epoch(epoch, metrics)
             self._log_epoch(epoch, metrics, seconds)
             if self.epoch_callback is not None:
@@ -231,11 +232,15 @@ class Trainer:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast:
                 loss = self.objective(model, x, y)
+            if faults.NAN_AT_STEP and faults.nan_now(s.global_step + 1):
+                loss = loss * float("nan")
             scaled = loss / accumulate if accumulate > 1 else loss
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach() * x.shape[0]
             samples += x.shape[0]
             if (b + 1) % accumulate == 0 or b + 1 == n_batches:
+                if faults.KILL_AT_STEP:
+                    faults.before_step(s.global_step + 1)
                 loss_value = self.optimizer_step(loss.detach(), epoch, b)
                 s.batch_in_epoch = b + 1
                 if self.is_main and s.global_step % self.cfg.log_every_n_steps == 0:
@@ -407,6 +412,9 @@ class Trainer:
     def save_checkpoint(self, best: bool = False) -> None:
         if not (self.is_main and self.cfg.save_checkpoints):
             return
+        # Everything logged up to this step reaches the event file before the checkpoint says so;
+        # a resume then purges only what came after, leaving no gap in the curves.
+        self.logger.flush()
         best_path = self.ckpt_dir / "best.pt" if best else None
         self.checkpointer.save(self.state_dict(), self.ckpt_dir / "last.pt", best_path)
 
@@ -444,7 +452,9 @@ class Trainer:
     def _log_epoch(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
         if not self.is_main:
             return
-        self.logger.scalars(metrics | {"epoch": epoch + 1}, self.state.global_step)
+        # The epoch's mean training loss gets its own tag: train/loss holds the per-step values.
+        scalars = {("train/loss_epoch" if k == "train/loss" else k): v for k, v in metrics.items()}
+        self.logger.scalars(scalars | {"epoch": epoch + 1}, self.state.global_step)
         if self.progress == "none":
             return
         shown = (

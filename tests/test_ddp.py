@@ -1,0 +1,83 @@
+"""Data-parallel training with the real `torchrun` (2 processes, gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from engine import checkpoint as ckpt
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    launcher = Path(sys.executable).with_name("torchrun")
+    command = (
+        [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [*command, "--standalone", f"--nproc-per-node={nproc}", "-m", "engine.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_into_one_run_dir_and_refuses_a_resume_at_another_world_size(
+    tmp_path,
+):
+    run_dir = tmp_path / "ddp"
+    result = torchrun(
+        "trainer.max_epochs=3", "optim.lr=3e-3", "trainer.device=cpu", f"hydra.run.dir={run_dir}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size=2" in result.stdout
+    assert result.stdout.count("epoch 3/3") == 1  # only rank 0 speaks
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.8
+    assert ckpt.load(run_dir / "checkpoints" / "last.pt")["world_size"] == 2
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
+
+    from conftest import run_cli
+
+    single = run_cli(
+        "trainer.max_epochs=4", "optim.lr=3e-3", "trainer.device=cpu", f"hydra.run.dir={run_dir}"
+    )
+    assert single.returncode == 2
+    assert "world size 2, this run has 1" in single.stdout
+
+
+@pytest.mark.slow
+def test_ddp_without_an_explicit_run_dir_shares_rank_zeros_timestamped_dir(tmp_path):
+    env_cwd = tmp_path
+    launcher = Path(sys.executable).with_name("torchrun")
+    command = (
+        [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    )
+    result = subprocess.run(
+        [
+            *command,
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "engine.train",
+            "trainer.max_epochs=1",
+            "trainer.device=cpu",
+        ],
+        cwd=env_cwd,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((env_cwd / "outputs" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists()

@@ -1,0 +1,248 @@
+"""Nothing lost: real runs killed with SIGKILL and resumed, kills during a checkpoint write,
+unwritable and full disks, and the NaN guard, all through the real CLI.
+
+Kills at a chosen step come from the engine's fault hooks (engine/faults.py): the process
+SIGKILLs itself exactly as a kill from outside would find it, which makes the kill points
+reproducible; one test also kills from outside at random moments.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tb_reader
+import torch
+from conftest import REPO
+
+from engine import checkpoint as ckpt
+
+# digits with batch 128: 10 optimizer steps per epoch, 30 in all.
+WORKLOAD = [
+    "model.hidden=32",
+    "data.batch_size=128",
+    "trainer.max_epochs=3",
+    "trainer.seed=7",
+    "trainer.ckpt_every_n_steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.device=cpu",
+]
+STEPS = 30
+
+
+def train(cli, run_dir: Path, *extra: str, env: dict | None = None):
+    return cli(*WORKLOAD, *extra, f"hydra.run.dir={run_dir}", env=env)
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    state = ckpt.load(path)
+    flat = {f"model.{k}": v for k, v in state["model"].items()}
+    for index, per_param in state["optimizer"]["state"].items():
+        for name, value in per_param.items():
+            flat[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    return flat
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    ta, tb = tensors_of(a), tensors_of(b)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"tensors differ after resume: {different}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from conftest import run_cli
+
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = train(run_cli, run_dir)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.slow
+def test_killed_at_random_steps_and_resumed_ends_bit_identical(cli, tmp_path, reference):
+    kill_steps = sorted(random.Random(2026).sample(range(2, STEPS), 5))
+    assert any(step % 10 not in (0, 1) for step in kill_steps)  # mid-epoch kills included
+    ref_curve = tb_reader.load(reference / "tb").Scalars("train/loss")
+    for step in kill_steps:
+        run_dir = tmp_path / f"kill_{step}"
+        killed = train(cli, run_dir, env={"ENGINE_FAULT_KILL_AT_STEP": str(step)})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resumed = train(cli, run_dir)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resumed from" in resumed.stdout
+        assert_bit_identical(
+            reference / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt"
+        )
+        curve = tb_reader.load(run_dir / "tb").Scalars("train/loss")
+        assert [e.step for e in curve] == list(range(1, STEPS + 1)), (
+            f"gap or duplicate after kill at {step}"
+        )
+        assert [e.value for e in curve] == [e.value for e in ref_curve]
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_checkpoint_write_leaves_the_previous_checkpoint_loadable(
+    cli, tmp_path, reference
+):
+    for save_number in (1, 4):
+        run_dir = tmp_path / f"save_{save_number}"
+        killed = train(cli, run_dir, env={"ENGINE_FAULT_KILL_DURING_SAVE": str(save_number)})
+        assert killed.returncode == -signal.SIGKILL
+        folder = run_dir / "checkpoints"
+        assert list(folder.glob(".last.pt.tmp.*")), "the kill should have interrupted a write"
+        if save_number == 1:
+            assert not (folder / "last.pt").exists()
+        else:
+            state = ckpt.load(folder / "last.pt")  # the previous, complete checkpoint
+            assert state["fit"]["global_step"] == 2 * (save_number - 1)
+        resumed = train(cli, run_dir)
+        assert resumed.returncode == 0, resumed.stderr
+        assert not list(folder.glob(".*.tmp.*"))
+        assert_bit_identical(reference / "checkpoints" / "last.pt", folder / "last.pt")
+
+
+@pytest.mark.slow
+def test_kills_from_outside_at_random_moments_always_leave_a_loadable_checkpoint(tmp_path):
+    rng = random.Random(11)
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "engine.train",
+        "data=synthetic",
+        "data.n_samples=20000",
+        "trainer.max_epochs=50",
+        "trainer.ckpt_every_n_steps=1",
+        "trainer.device=cpu",
+        f"hydra.run.dir={run_dir}",
+    ]
+    last = run_dir / "checkpoints" / "last.pt"
+    steps = []
+    for _ in range(5):
+        before = last.stat().st_mtime_ns if last.exists() else None
+        proc = subprocess.Popen(
+            args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until this process writes its first checkpoint
+            if last.exists() and last.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        steps.append(ckpt.load(last)["fit"]["global_step"])
+    assert all(b > a for a, b in zip(steps, steps[1:])), (
+        steps
+    )  # each restart resumed and progressed
+
+
+def test_a_nan_stops_the_run_before_the_optimizer_step_and_names_it(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(
+        cli, run_dir, "trainer.ckpt_every_n_steps=1", env={"ENGINE_FAULT_NAN_AT_STEP": "5"}
+    )
+    assert result.returncode == 2
+    assert "non-finite loss (nan) at step 5 (epoch 1, batch 5)" in result.stdout
+    assert "optimizer did not step" in result.stdout and "last.pt" in result.stdout
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert state["fit"]["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_on_nan_skip_skips_the_step_and_finishes(cli, tmp_path):
+    result = train(
+        cli, tmp_path / "run", "trainer.on_nan=skip", env={"ENGINE_FAULT_NAN_AT_STEP": "5"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "step skipped (1 so far)" in result.stdout
+
+
+def _make_unwritable(folder: Path) -> bool:
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute binds root too
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    probe = folder / ".probe"
+    try:
+        probe.write_text("x")
+    except OSError:
+        return True
+    probe.unlink()
+    return False
+
+
+def _make_writable(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    folder.chmod(0o755)
+
+
+def test_an_unwritable_checkpoint_folder_fails_clearly_and_keeps_the_old_checkpoint(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(cli, run_dir, "trainer.max_epochs=1").returncode == 0
+    folder = run_dir / "checkpoints"
+    before = (folder / "last.pt").read_bytes()
+    if not _make_unwritable(folder):
+        _make_writable(folder)
+        pytest.skip("cannot make a folder unwritable here (no chattr for root)")
+    try:
+        result = train(cli, run_dir, "trainer.max_epochs=2")
+    finally:
+        _make_writable(folder)
+    assert result.returncode == 2
+    assert (
+        f"could not write checkpoint {folder / 'last.pt'}: the folder is not writable"
+        in result.stdout
+    )
+    assert "the previous last.pt is intact" in result.stdout
+    assert (folder / "last.pt").read_bytes() == before
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_old_checkpoint(cli, tmp_path):
+    run_dir = tmp_path / "disk"
+    run_dir.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(run_dir)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        assert train(cli, run_dir, "trainer.max_epochs=1").returncode == 0
+        last = run_dir / "checkpoints" / "last.pt"
+        before = last.read_bytes()
+        free = os.statvfs(run_dir).f_bavail * os.statvfs(run_dir).f_frsize
+        (run_dir / "filler").write_bytes(b"\0" * max(0, free - 64 * 1024))
+        result = train(cli, run_dir, "trainer.max_epochs=2", "trainer.ckpt_every_n_steps=0")
+        assert result.returncode == 2
+        assert "could not write checkpoint" in result.stdout and "the disk is full" in result.stdout
+        assert last.read_bytes() == before
+        assert not list(last.parent.glob(".*.tmp.*"))
+    finally:
+        subprocess.run(["umount", str(run_dir)], capture_output=True)
+
+
+def test_a_corrupt_checkpoint_is_refused_with_a_clear_message(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    result = train(cli, run_dir)
+    assert result.returncode == 2
+    assert (
+        "is corrupt or not one of ours" in result.stdout and "trainer.resume=never" in result.stdout
+    )
+
+
+def test_resuming_with_a_changed_model_says_what_differs(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(cli, run_dir, "trainer.max_epochs=1").returncode == 0
+    result = train(cli, run_dir, "model.hidden=64")
+    assert result.returncode == 2
+    assert "model.hidden: 32 -> 64" in result.stdout
