@@ -286,7 +286,11 @@ def build_dataset(cfg: Any) -> Dataset:
 
 def write_data_info(info: DataInfo, run_dir: Path) -> None:
     """Record what the run saw of its data, and the label mapping of string labels."""
-    (run_dir / "data_info.json").write_text(json.dumps(info.to_json(), indent=2))
+    record = info.to_json()
+    vocab = record["extra"].pop("vocab", None)
+    (run_dir / "data_info.json").write_text(json.dumps(record, indent=2))
+    if vocab is not None:
+        (run_dir / "vocab.json").write_text(json.dumps(vocab))
     if info.label_mapping:
         (run_dir / "label_mapping.json").write_text(json.dumps(info.label_mapping, indent=2))
 

@@ -59,7 +59,8 @@ def metric_names(info: DataInfo, top_k: int = 5) -> list[str]:
     names = ["acc", "precision", "recall", "f1"]
     if info.num_classes > top_k:
         names.append(f"top{top_k}")
-    return names + ["ece"]
+    names.append("ece")
+    return names + ["perplexity"] if info.task == "lm" else names
 
 
 def make_metrics_factory(info: DataInfo, device: torch.device) -> Callable[[], Any]:
@@ -99,6 +100,7 @@ class Job:
     test_loader: BatchLoader
     logger: Any
     is_main: bool
+    hparams_session: bool = True
 
 
 def build_job(
@@ -107,8 +109,12 @@ def build_job(
     *,
     epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
     hparams_group: str = "",
+    hparams_session: bool = True,
 ) -> Job:
-    """Validate, then build data, model, objective, optimizer and trainer (resumed if asked)."""
+    """Validate, then build data, model, objective, optimizer and trainer (resumed if asked).
+
+    ``hparams_session=False`` leaves the HPARAMS session to the caller (a sweep writes it when the
+    trial ends, with the trial's state among the hparams)."""
     validate(cfg)
     run_dir = Path(run_dir)
     # Plain dataclasses from here on: OmegaConf attribute access is too slow for a per-step path.
@@ -199,7 +205,8 @@ def build_job(
         hparams.pop("search", None)
         tags = [f"{split}/{n}" for split in ("val", "test") for n in ["loss", *metric_names(info)]]
         logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg) + "\n```")
-        logger.hparams_start(hparams, tags, group=hparams_group)
+        if hparams_session:
+            logger.hparams_start(hparams, tags, group=hparams_group)
     log.info(
         "data=%s (%s, %d train / %d val / %d test rows)  model=%s (%.3gM params)  device=%s  precision=%s%s",
         cfg.data.name,
@@ -213,7 +220,17 @@ def build_job(
         precision,
         f"  world_size={world_size}" if world_size > 1 else "",
     )
-    return Job(cfg, run_dir, trainer, model, info, eval_loader(splits["test"]), logger, is_main)
+    return Job(
+        cfg,
+        run_dir,
+        trainer,
+        model,
+        info,
+        eval_loader(splits["test"]),
+        logger,
+        is_main,
+        hparams_session,
+    )
 
 
 def finish_job(job: Job) -> dict[str, float]:
@@ -245,7 +262,8 @@ def finish_job(job: Job) -> dict[str, float]:
         raise
     finally:
         if job.is_main:
-            logger.hparams_end(status)
+            if job.hparams_session:
+                logger.hparams_end(status)
             logger.close()
     if job.is_main:
         (job.run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))

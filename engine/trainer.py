@@ -31,6 +31,9 @@ from engine.data import BatchLoader, DataInfo
 
 log = logging.getLogger(__name__)
 
+# Logits elements a fused-head model materialises at once in evaluation (16M floats = 64 MB).
+EVAL_LOGITS_BUDGET = 1 << 24
+
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradients stopped being finite; the message names the step."""
@@ -329,15 +332,15 @@ class Trainer:
                         x.to(self.device, non_blocking=True),
                         y.to(self.device, non_blocking=True),
                     )
-                out = model(x)
-                out = out.float() if regression else out
-                loss_sum[0] += eval_loss(out, y).double() * y.numel()
-                loss_sum[1] += y.numel()
-                if regression:  # metrics in the target's own units
-                    mean, std = self.info.target_mean, self.info.target_std
-                    metrics.update(out * std + mean, y * std + mean)
-                else:
-                    metrics.update(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+                for out, target in self._eval_outputs(model, x, y):
+                    out = out.float() if regression else out
+                    loss_sum[0] += eval_loss(out, target).double() * target.numel()
+                    loss_sum[1] += target.numel()
+                    if regression:  # metrics in the target's own units
+                        mean, std = self.info.target_mean, self.info.target_std
+                        metrics.update(out * std + mean, target * std + mean)
+                    else:
+                        metrics.update(out.reshape(-1, out.shape[-1]), target.reshape(-1))
         dist.all_reduce_sum(loss_sum)
         results = {f"{prefix}/loss": float(loss_sum[0] / loss_sum[1].clamp(min=1))}
         results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
@@ -346,6 +349,19 @@ class Trainer:
         self.last_eval_metrics = metrics
         model.train(was_training)
         return results
+
+    def _eval_outputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """(outputs, targets) of a batch. A fused-head model yields its logits a few thousand
+        rows at a time, so evaluation never holds [rows, vocab] logits either."""
+        if not self.objective.fused_head:
+            yield model(x), y
+            return
+        raw = self.raw_model
+        hidden = raw.body(x)
+        hidden, target = hidden.reshape(-1, hidden.shape[-1]), y.reshape(-1)
+        rows = max(1, EVAL_LOGITS_BUDGET // raw.head.out_features)
+        for start in range(0, hidden.shape[0], rows):
+            yield raw.head(hidden[start : start + rows]), target[start : start + rows]
 
     # ----------------------------------------------------------------------------------------
     # checkpoints
