@@ -45,17 +45,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` so that ``path`` is always either the old or the new file."""
+def serialize(state: dict[str, Any]) -> memoryview:
+    """The bytes of ``torch.save(state)``: a snapshot that later training steps cannot change."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer()
+
+
+def save_atomic(state: dict[str, Any] | memoryview, path: Path) -> None:
+    """Write ``state`` (or its serialized bytes) to ``path`` so that ``path`` is always either
+    the old or the new file."""
     path = Path(path)
+    data = state if isinstance(state, memoryview) else serialize(state)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
             if faults.KILL_DURING_SAVE:
-                _save_with_fault(state, f)
-            else:
-                torch.save(state, f)
+                f.flush()
+                faults.during_save()
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,17 +87,6 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
             f"folder writable (or move it with hydra.run.dir=...), then resume with "
             f"trainer.resume=auto."
         ) from err
-
-
-def _save_with_fault(state: dict[str, Any], f) -> None:
-    """torch.save, with the armed fault fired once half of the bytes are on disk."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getbuffer()
-    f.write(data[: len(data) // 2])
-    f.flush()
-    faults.during_save()
-    f.write(data[len(data) // 2 :])
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -134,22 +134,12 @@ def load(path: Path) -> dict[str, Any]:
 FORMAT = "engine-checkpoint-v1"
 
 
-def _snapshot(value: Any) -> Any:
-    """A copy of ``value`` whose tensors no longer alias the live training state (on the CPU)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_snapshot(v) for v in value)
-    return value
-
-
 class AsyncCheckpointer:
     """Writes checkpoints on a background thread, so training does not wait on the disk.
 
-    ``save`` copies the state first (the copy is what gets written, so later steps cannot leak
-    into it), and at most one write is in flight: the next ``save`` or ``wait`` joins it and
+    ``save`` serializes the state in the calling thread (those bytes are the snapshot, so later
+    steps cannot leak into them; pickling holds the GIL anyway) and hands only the file I/O,
+    fsync and rename to the thread. At most one write is in flight: the next ``save`` or ``wait`` joins it and
     re-raises its error. Each write is the same atomic protocol as ``save_atomic``, so a kill
     during a background write still leaves the previous file whole.
     """
@@ -160,15 +150,13 @@ class AsyncCheckpointer:
 
     def save(self, state: dict[str, Any], path: Path, best: Path | None = None) -> None:
         self.wait()
-        snapshot = _snapshot(state)
-        self._thread = threading.Thread(
-            target=self._write, args=(snapshot, path, best), name="checkpoint"
-        )
+        data = serialize(state)
+        self._thread = threading.Thread(target=self._write, args=(data, path, best), name="checkpoint")
         self._thread.start()
 
-    def _write(self, state: dict[str, Any], path: Path, best: Path | None) -> None:
+    def _write(self, data: memoryview, path: Path, best: Path | None) -> None:
         try:
-            save_atomic(state, path)
+            save_atomic(data, path)
             if best is not None:
                 link_best(path, best)
         except BaseException as err:  # handed to the training thread by wait()
@@ -190,8 +178,10 @@ class AsyncCheckpointer:
 
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
+    version, words, gauss = random.getstate()
     state = {
-        "python": random.getstate(),
+        # 625 words as one tensor: pickled as a tuple they cost 625 persistent-id calls per save.
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
         "numpy": {
             "kind": np_state[0],
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -207,7 +197,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
     np_state = state["numpy"]
     np.random.set_state(
         (
@@ -222,9 +213,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def _as_tuple(value: Any) -> Any:
-    # random.setstate wants tuples; a round trip through some loaders can give lists.
-    if isinstance(value, list | tuple):
-        return tuple(_as_tuple(v) for v in value)
-    return value
