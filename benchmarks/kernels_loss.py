@@ -77,21 +77,29 @@ class Result:
 
 def cases_for(device: str, quick: bool, dtypes) -> list[Case]:
     if device == "cuda":
-        ns, vs = ((8192,), (32000, 128256, 262144)) if quick else ((8192, 16384), (32000, 32768, 128256, 131072, 262144))
+        ns, vs = (
+            ((8192,), (32000, 128256, 262144))
+            if quick
+            else ((8192, 16384), (32000, 32768, 128256, 131072, 262144))
+        )
         hs, lvs = ((4096,), (128256,)) if quick else ((2048, 4096), (128256, 262144))
         ce_dtypes = dtypes or (("bf16",) if quick else ("bf16", "fp32"))
         lin_dtypes = dtypes or ("bf16",)
         ce = [Case("ce", n, v, 0, d) for d in ce_dtypes for n in ns for v in vs]
         return ce + [Case("linear", 8192, v, h, d) for d in lin_dtypes for h in hs for v in lvs]
     cpu_dtypes = dtypes or ("fp32",)
-    ce = [Case("ce", 2048, v, 0, d) for d in cpu_dtypes for v in ((8192,) if quick else (8192, 32000))]
+    ce = [
+        Case("ce", 2048, v, 0, d) for d in cpu_dtypes for v in ((8192,) if quick else (8192, 32000))
+    ]
     return ce + [Case("linear", 1024, 32000, 256, d) for d in cpu_dtypes]
 
 
 # --------------------------------------------------------------------------- setup and providers
 
 
-def setup(case: Case, device: str, requires_grad: bool, rows: int | None = None, seed: int = 0) -> dict:
+def setup(
+    case: Case, device: str, requires_grad: bool, rows: int | None = None, seed: int = 0
+) -> dict:
     """The inputs of one case (optionally only the first `rows` rows), shared by all measurements."""
     n = case.n if rows is None else min(rows, case.n)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -102,7 +110,11 @@ def setup(case: Case, device: str, requires_grad: bool, rows: int | None = None,
         return {"logits": logits.requires_grad_(requires_grad), "target": target}
     x = torch.randn(n, case.h, device=device, generator=g).to(dtype)
     w = (torch.randn(case.v, case.h, device=device, generator=g) * case.h**-0.5).to(dtype)
-    return {"x": x.requires_grad_(requires_grad), "w": w.requires_grad_(requires_grad), "target": target}
+    return {
+        "x": x.requires_grad_(requires_grad),
+        "w": w.requires_grad_(requires_grad),
+        "target": target,
+    }
 
 
 def _liger_classes():
@@ -269,7 +281,11 @@ def extra_memory_mib(step, inputs: dict, device: str) -> float:
 
 def reference(case: Case, inputs: dict):
     """Float64 sum-reduced loss and input gradients of the same rows."""
-    leaves = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items() if k != "target"}
+    leaves = {
+        k: v.detach().double().requires_grad_(v.requires_grad)
+        for k, v in inputs.items()
+        if k != "target"
+    }
     fn = _eager_ce if case.kind == "ce" else _eager_linear
     loss = fn(*leaves.values(), inputs["target"], "sum")
     if any(t.requires_grad for t in leaves.values()):
@@ -287,7 +303,9 @@ def max_errors(provider: str, case: Case, mode: str, device: str, rows: int) -> 
     err_grad = float("nan")
     if mode != "forward":
         loss.backward()
-        err_grad = max(float((fresh[k].grad.double() - g).abs().max()) for k, g in ref_grads.items())
+        err_grad = max(
+            float((fresh[k].grad.double() - g).abs().max()) for k, g in ref_grads.items()
+        )
     return float((loss.double() - ref_loss).abs()), err_grad
 
 
@@ -331,8 +349,16 @@ def ce_table(rows, mode: str, device: str) -> str:
         gbs = ce_bytes(case, mode) / (r.ms * 1e6)
         cells = [str(case.n), str(case.v), provider, _fmt(r.ms), _fmt(gbs, ".0f")]
         if device == "cuda":
-            cells += [_fmt(100 * gbs / (PEAK_TBS * 1e3), ".1f"), _fmt(100 * gbs / (REAL_TBS * 1e3), ".1f")]
-        cells += [_fmt(r.extra_mib, ".0f"), _fmt(r.err_loss, ".2e"), _fmt(r.err_grad, ".2e"), r.note]
+            cells += [
+                _fmt(100 * gbs / (PEAK_TBS * 1e3), ".1f"),
+                _fmt(100 * gbs / (REAL_TBS * 1e3), ".1f"),
+            ]
+        cells += [
+            _fmt(r.extra_mib, ".0f"),
+            _fmt(r.err_loss, ".2e"),
+            _fmt(r.err_grad, ".2e"),
+            r.note,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -347,8 +373,19 @@ def linear_table(rows) -> str:
         bare, eager = by_case[case].get("bare"), by_case[case].get("eager")
         ratio = r.ms / bare.ms if bare else float("nan")
         mem = r.extra_mib / eager.extra_mib if eager and provider != "bare" else float("nan")
-        cells = [str(case.n), str(case.h), str(case.v), provider, _fmt(r.ms), _fmt(ratio, ".2f"),
-                 _fmt(r.extra_mib, ".0f"), _fmt(mem, ".3f"), _fmt(r.err_loss, ".2e"), _fmt(r.err_grad, ".2e"), r.note]
+        cells = [
+            str(case.n),
+            str(case.h),
+            str(case.v),
+            provider,
+            _fmt(r.ms),
+            _fmt(ratio, ".2f"),
+            _fmt(r.extra_mib, ".0f"),
+            _fmt(mem, ".3f"),
+            _fmt(r.err_loss, ".2e"),
+            _fmt(r.err_grad, ".2e"),
+            r.note,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -364,18 +401,30 @@ def summary(groups: dict, device: str) -> list[str]:
             ours = res.get("ours")
             if ours is None or ours.ms != ours.ms:
                 continue
-            label = f"{kind} {mode} {case.dtype} N={case.n}" + (f" H={case.h}" if case.h else "") + f" V={case.v}:"
-            parts = [f"{p} / ours = {res[p].ms / ours.ms:.2f}x" for p in ("eager", "compile", "liger") if p in res and res[p].ms == res[p].ms]
+            label = (
+                f"{kind} {mode} {case.dtype} N={case.n}"
+                + (f" H={case.h}" if case.h else "")
+                + f" V={case.v}:"
+            )
+            parts = [
+                f"{p} / ours = {res[p].ms / ours.ms:.2f}x"
+                for p in ("eager", "compile", "liger")
+                if p in res and res[p].ms == res[p].ms
+            ]
             if kind == "ce" and device == "cuda":
                 gbs = ce_bytes(case, mode) / (ours.ms * 1e6)
                 parts.append(f"ours at {100 * gbs / (REAL_TBS * 1e3):.1f}% of 4.3 TB/s")
             if kind == "linear":
                 if "eager" in res and res["eager"].extra_mib == res["eager"].extra_mib:
                     ratio = ours.extra_mib / res["eager"].extra_mib
-                    parts.append(f"peak mem ours / eager = {ratio:.3f} (target <= 0.125: {'ok' if ratio <= 0.125 else 'MISSED'})")
+                    parts.append(
+                        f"peak mem ours / eager = {ratio:.3f} (target <= 0.125: {'ok' if ratio <= 0.125 else 'MISSED'})"
+                    )
                 if "bare" in res:
                     ratio = ours.ms / res["bare"].ms
-                    parts.append(f"ours / bare matmuls = {ratio:.2f}x (target <= 1.3: {'ok' if ratio <= 1.3 else 'MISSED'})")
+                    parts.append(
+                        f"ours / bare matmuls = {ratio:.2f}x (target <= 1.3: {'ok' if ratio <= 1.3 else 'MISSED'})"
+                    )
             out.append(" ".join([label, "; ".join(parts)]))
     return out
 
@@ -401,13 +450,17 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=[*MODES, "both"], default="both")
     p.add_argument("--kinds", nargs="+", choices=["ce", "linear"], default=["ce", "linear"])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None)
-    p.add_argument("--providers", nargs="+", default=None, help="subset of ours eager compile liger bare")
+    p.add_argument(
+        "--providers", nargs="+", default=None, help="subset of ours eager compile liger bare"
+    )
     p.add_argument("--quick", action="store_true", help="a small subset of the grid")
     p.add_argument("--compile", action="store_true", help="also torch.compile on CPU")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--err-rows", type=int, default=None, help="rows for the fp64 error check")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--out", default=None, help="also write the tables (markdown) here")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -433,11 +486,21 @@ def main(argv=None) -> int:
             for provider in providers_for(case.kind, device, args):
                 r = measure(provider, case, mode, device, args)
                 groups.setdefault((case.kind, mode, case.dtype), []).append((case, provider, r))
-                print(f"  {case} {mode} {provider}: {_fmt(r.ms)} ms {r.note}", file=sys.stderr, flush=True)
-    text = [f"# loss kernels on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'} "
-            f"(torch {torch.__version__}, threads {torch.get_num_threads()})", ""]
+                print(
+                    f"  {case} {mode} {provider}: {_fmt(r.ms)} ms {r.note}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    text = [
+        f"# loss kernels on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'} "
+        f"(torch {torch.__version__}, threads {torch.get_num_threads()})",
+        "",
+    ]
     for (kind, mode, dtype), rows in groups.items():
-        text += [f"## {'cross entropy' if kind == 'ce' else 'linear + cross entropy'}, {mode}, {dtype}", ""]
+        text += [
+            f"## {'cross entropy' if kind == 'ce' else 'linear + cross entropy'}, {mode}, {dtype}",
+            "",
+        ]
         text += [ce_table(rows, mode, device) if kind == "ce" else linear_table(rows), ""]
     text += ["## acceptance ratios", ""] + [f"- {line}" for line in summary(groups, device)]
     print("\n".join(text))

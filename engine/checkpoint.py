@@ -151,7 +151,9 @@ class AsyncCheckpointer:
     def save(self, state: dict[str, Any], path: Path, best: Path | None = None) -> None:
         self.wait()
         data = serialize(state)
-        self._thread = threading.Thread(target=self._write, args=(data, path, best), name="checkpoint")
+        self._thread = threading.Thread(
+            target=self._write, args=(data, path, best), name="checkpoint"
+        )
         self._thread.start()
 
     def _write(self, data: memoryview, path: Path, best: Path | None) -> None:
@@ -181,7 +183,11 @@ def rng_state() -> dict[str, Any]:
     version, words, gauss = random.getstate()
     state = {
         # 625 words as one tensor: pickled as a tuple they cost 625 persistent-id calls per save.
-        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "python": {
+            "version": version,
+            "words": torch.tensor(words, dtype=torch.int64),
+            "gauss": gauss,
+        },
         "numpy": {
             "kind": np_state[0],
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -212,4 +218,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-

@@ -177,6 +177,46 @@ class TrainerConfig:
 
 
 @dataclass
+class SearchConfig:
+    """A hyperparameter sweep (``python -m engine.train -m search=<preset>``); see engine/search/."""
+
+    sampler: str = "tpe"
+    """grid | random | tpe | gp | cmaes | nsga2."""
+    n_trials: int | None = 20
+    """Total number of finished trials (complete, pruned or failed), also after a resume; null with
+    grid: every combination."""
+    n_workers: int | None = None
+    """Worker processes running trials back to back; null: one per visible GPU, else 1."""
+    pruner: str = "none"
+    """none | median | hyperband: stop unpromising trials early from their per-epoch metric."""
+    storage: str | None = None
+    """Optuna storage URL (sqlite:///x.db, postgresql://user@host/db); null: a journal file
+    ``study.journal`` in the sweep dir."""
+    study_name: str | None = None
+    """Name of the study in the storage; null: the sweep dir's folder name."""
+    metric: str = "auto"
+    """Objective, a key of metrics.json; auto: val/acc (classification), val/rmse (regression)."""
+    direction: str = "auto"
+    """maximize | minimize | auto (from the metric's name, as trainer.monitor_mode)."""
+    metrics: list[str] | None = None
+    """Several objectives (nsga2 or any multi-objective sampler), e.g. [val/acc, val/ece]."""
+    directions: list[str] | None = None
+    """One direction per entry of ``metrics`` (maximize | minimize | auto)."""
+    seed: int = 0
+    """Seed of the sampler (trial N samples with seed + N, so a resumed sweep does not repeat)."""
+    max_failures: int = 10
+    """Stop the sweep after this many trials in a row have failed in one run of the sweep."""
+    params: dict[str, str] = field(default_factory=dict)
+    """Search space: config key -> Hydra sweep grammar (``choice``, ``range``, ``interval``,
+    ``tag(log, interval(a,b))``); merged with sweep overrides from the command line."""
+    launch: str = "auto"
+    """How workers start: processes (subprocesses here) | launcher (one job per worker through
+    ``hydra/launcher``) | auto (launcher unless it is Hydra's basic one)."""
+    worker: int | None = None
+    """Internal: set on the jobs that run workers through a Hydra launcher."""
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,7 +224,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    search: Any = None
+    search: SearchConfig | None = None
     """Sweep settings, set by ``-m search=<name>``; null for a single run."""
 
 
@@ -313,6 +353,8 @@ def validate(cfg: Any) -> None:
         "it must be in [0, 1)",
     )
     _check(s.step_size > 0, "sched.step_size", s.step_size, "it must be a positive integer")
+    if cfg.get("search") is not None:
+        validate_search(cfg.search)
     if d.name == "csv":
         _check(
             bool(d.path), "data.path", d.path, "data=csv needs data.path=<file.csv|file.parquet>"
@@ -326,6 +368,60 @@ def validate(cfg: Any) -> None:
             "data.n_classes",
             d.n_classes,
             "use 0 (regression) or >= 2",
+        )
+
+
+_SEARCH_CHOICES: dict[str, tuple[str, ...]] = {
+    "search.sampler": ("grid", "random", "tpe", "gp", "cmaes", "nsga2"),
+    "search.pruner": ("none", "median", "hyperband"),
+    "search.direction": ("auto", "maximize", "minimize"),
+    "search.launch": ("auto", "processes", "launcher"),
+}
+
+
+def validate_search(s: Any) -> None:
+    """Checks of the ``search`` group alone (the space itself is checked by engine.search.space)."""
+    for key, allowed in _SEARCH_CHOICES.items():
+        value = getattr(s, key.split(".", 1)[1])
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            closest = f" Did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(
+                f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.{closest}"
+            )
+    if s.n_trials is not None:
+        _check(s.n_trials > 0, "search.n_trials", s.n_trials, "it must be a positive integer")
+    if s.n_workers is not None:
+        _check(s.n_workers > 0, "search.n_workers", s.n_workers, "it must be a positive integer")
+    _check(s.max_failures > 0, "search.max_failures", s.max_failures, "it must be positive")
+    _check(bool(s.metric), "search.metric", s.metric, "name a key of metrics.json, e.g. val/acc")
+    if s.metrics is not None:
+        metrics = list(s.metrics)
+        _check(len(metrics) > 0, "search.metrics", metrics, "name at least one metric")
+        directions = list(s.directions) if s.directions is not None else ["auto"] * len(metrics)
+        _check(
+            len(directions) == len(metrics),
+            "search.directions",
+            directions,
+            f"give one direction per metric of search.metrics={metrics}",
+        )
+        for direction in directions:
+            _check(
+                direction in ("auto", "maximize", "minimize"),
+                "search.directions",
+                directions,
+                "each must be maximize, minimize or auto",
+            )
+        _check(
+            len(metrics) == 1 or s.pruner == "none",
+            "search.pruner",
+            s.pruner,
+            "pruning needs a single objective; use search.pruner=none with several search.metrics",
+        )
+    elif s.directions is not None:
+        raise ConfigError(
+            "search.directions is set but search.metrics is not; give both, or use "
+            "search.metric and search.direction for one objective."
         )
 
 

@@ -19,14 +19,18 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     ]
     # The fused implementations update every parameter in one kernel (CPU and CUDA): on a small
     # model the per-parameter Python loop of the default one is a fifth of the step.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    fused = all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay
+    )
     options = {"fused": True} if fused else {}
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **options)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), **options)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **options)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **options
+        )
     raise ValueError(f"optim.name='{cfg.name}' is unknown; choose adamw, adam or sgd.")
 
 

@@ -305,6 +305,12 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.search is not None and cfg.search.worker is not None:
+        # A sweep worker started as a job by a Hydra launcher (engine/search/driver.py).
+        from engine.search.worker import run_worker
+
+        run_worker(cfg.search.storage, cfg.search.study_name, worker=cfg.search.worker)
+        return None
     try:
         results = run(cfg, run_dir)
     except USER_ERRORS as err:

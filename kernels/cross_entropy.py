@@ -330,7 +330,9 @@ def check_args(logits_shape, device, target, weight, opts: CEOptions, reduction:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if len(logits_shape) < 1 or logits_shape[-1] < 1:
-        raise ValueError(f"logits must have a non-empty last (class) dim, got {tuple(logits_shape)}")
+        raise ValueError(
+            f"logits must have a non-empty last (class) dim, got {tuple(logits_shape)}"
+        )
     if tuple(target.shape) != tuple(logits_shape[:-1]):
         raise ValueError(
             f"target shape {tuple(target.shape)} must equal logits.shape[:-1] = "
@@ -479,7 +481,9 @@ def _small_torch(logits, target, weight, opts: CEOptions, reduction: str) -> tor
     )
     if opts.z_loss != 0:
         lse = torch.logsumexp(x, dim=1)
-        loss = loss + opts.z_loss * torch.where(t != opts.ignore_index, lse * lse, torch.zeros_like(lse))
+        loss = loss + opts.z_loss * torch.where(
+            t != opts.ignore_index, lse * lse, torch.zeros_like(lse)
+        )
     if reduction == "none":
         return loss.reshape(logits.shape[:-1]).to(logits.dtype)
     total = loss.sum() if per_row else loss

@@ -214,12 +214,16 @@ def _chunk_pass(x2, weight, bias, t, cw, opts, scale, backend, chunk, loss_rows,
 
 def _check_linear(x, weight, bias) -> None:
     if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"need x [..., H] and weight [V, H], got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"need x [..., H] and weight [V, H], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) != 1 or not x.dtype.is_floating_point:
-        raise TypeError(f"x, weight and bias must share one floating dtype, got {sorted(map(str, dtypes))}")
+        raise TypeError(
+            f"x, weight and bias must share one floating dtype, got {sorted(map(str, dtypes))}"
+        )
 
 
 # --------------------------------------------------------------------------- autograd

@@ -61,7 +61,9 @@ def reference(logits, target, weight=None, ignore_index=-100, ls=0.0, z=0.0, red
     c = logits.shape[-1]
     x, t = logits.double().reshape(-1, c), target.reshape(-1)
     w = None if weight is None else weight.double()
-    ce = F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, label_smoothing=ls, reduction=reduction)
+    ce = F.cross_entropy(
+        x, t, weight=w, ignore_index=ignore_index, label_smoothing=ls, reduction=reduction
+    )
     valid = t != ignore_index
     z_rows = z * torch.logsumexp(x, dim=-1) ** 2 * valid
     if reduction == "none":
@@ -104,8 +106,13 @@ def run_both(logits, target, backend, reduction="mean", weight=None, **opts):
     loss.backward(go)
     x64 = logits.double().requires_grad_()
     ref = reference(
-        x64, target, weight, opts.get("ignore_index", -100), opts.get("label_smoothing", 0.0),
-        opts.get("z_loss", 0.0), reduction,
+        x64,
+        target,
+        weight,
+        opts.get("ignore_index", -100),
+        opts.get("label_smoothing", 0.0),
+        opts.get("z_loss", 0.0),
+        reduction,
     )
     ref.backward(go.double())
     return loss, x.grad, ref.detach(), x64.grad
@@ -117,7 +124,13 @@ OPTION_SETS = {
     "smooth_ignore": {"label_smoothing": 0.1, "ignore_index": -1, "ignore_every": 3},
     "weight_smooth_ignore": {"weight": True, "label_smoothing": 0.2, "ignore_every": 4},
     "z_loss": {"z_loss": 1e-3},
-    "everything": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "ignore_index": 5, "ignore_every": 5},
+    "everything": {
+        "weight": True,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-2,
+        "ignore_index": 5,
+        "ignore_every": 5,
+    },
 }
 
 
@@ -214,7 +227,13 @@ def test_all_rows_ignored(backend, reduction):
     target = torch.full((12,), -100, device=DEVICE)
     x = logits.clone().requires_grad_()
     loss = cross_entropy(
-        x, target, weight=weight, label_smoothing=0.1, z_loss=1e-2, reduction=reduction, backend=backend
+        x,
+        target,
+        weight=weight,
+        label_smoothing=0.1,
+        z_loss=1e-2,
+        reduction=reduction,
+        backend=backend,
     )
     loss.sum().backward()
     assert torch.all(loss == 0), loss
@@ -264,7 +283,9 @@ def test_inplace_grad_on_row_strided_view_has_no_hidden_copy(backend):
     h = base.clone().requires_grad_()
     logits = h * 1.0  # non-leaf whose backward does not need its output
     view = logits[:, :c]  # row stride c + 28, unit column stride
-    loss = cross_entropy(view, target, weight=weight, reduction="sum", backend=backend, inplace_grad=True)
+    loss = cross_entropy(
+        view, target, weight=weight, reduction="sum", backend=backend, inplace_grad=True
+    )
     torch.testing.assert_close(loss, expected_loss)
     # The gradient (before the upstream factor) now sits in the caller's buffer itself.
     torch.testing.assert_close(logits.detach()[:, :c], expected_grad / 1.7)
@@ -306,7 +327,9 @@ def test_unit_upstream_gradient(backend):
     x = logits.clone().requires_grad_()
     cross_entropy(x, target, weight=weight, backend=backend, **opts).backward()
     x64 = logits.double().requires_grad_()
-    reference(x64, target, weight, opts["ignore_index"], opts["label_smoothing"], opts["z_loss"]).backward()
+    reference(
+        x64, target, weight, opts["ignore_index"], opts["label_smoothing"], opts["z_loss"]
+    ).backward()
     close(x.grad, x64.grad, torch.float32)
 
 
@@ -389,7 +412,9 @@ def test_imports_and_falls_back_without_triton():
         "assert not kernels._common.HAS_TRITON\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -441,7 +466,9 @@ def test_gpu_huge_bf16_logits():
 def test_gpu_no_host_sync():
     logits, target, weight, opts = build("everything", 64, 32000, torch.bfloat16)
     x = logits.clone().requires_grad_()
-    cross_entropy(x, target, weight=weight, backend="triton", **opts).backward(torch.tensor(2.0, device="cuda"))
+    cross_entropy(x, target, weight=weight, backend="triton", **opts).backward(
+        torch.tensor(2.0, device="cuda")
+    )
     torch.cuda.synchronize()  # both kernels compiled outside the check
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -46,7 +46,9 @@ def reference(x, w, target, b=None, cw=None, ignore_index=-100, ls=0.0, z=0.0, r
         logits = logits + b
     t = target.reshape(-1)
     cw = None if cw is None else cw.double()
-    ce = F.cross_entropy(logits, t, weight=cw, ignore_index=ignore_index, label_smoothing=ls, reduction=reduction)
+    ce = F.cross_entropy(
+        logits, t, weight=cw, ignore_index=ignore_index, label_smoothing=ls, reduction=reduction
+    )
     valid = t != ignore_index
     z_rows = z * torch.logsumexp(logits, dim=-1) ** 2 * valid
     if reduction == "none":
@@ -73,7 +75,13 @@ def make_case(n, h, v, dtype, seed=0, ignore_every=0, ignore_index=-100, bias=Tr
         target[::ignore_every] = ignore_index
     cw = torch.rand(v, generator=g) + 0.1
     to = lambda t: None if t is None else t.to(DEVICE)
-    return to(x.to(dtype)), to(w.to(dtype)), to(None if b is None else b.to(dtype)), to(target), to(cw)
+    return (
+        to(x.to(dtype)),
+        to(w.to(dtype)),
+        to(None if b is None else b.to(dtype)),
+        to(target),
+        to(cw),
+    )
 
 
 def upstream(loss, reduction):
@@ -87,15 +95,29 @@ def run_both(x, w, b, target, backend, reduction="mean", cw=None, chunk_size=Non
     """Ours vs reference: (loss, grads, ref loss, ref grads), grads in (x, w, b) order."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
     loss = linear_cross_entropy(
-        leaves[0], leaves[1], target, leaves[2], class_weight=cw, reduction=reduction,
-        backend=backend, chunk_size=chunk_size, **opts,
+        leaves[0],
+        leaves[1],
+        target,
+        leaves[2],
+        class_weight=cw,
+        reduction=reduction,
+        backend=backend,
+        chunk_size=chunk_size,
+        **opts,
     )
     go = upstream(loss, reduction)
     loss.backward(go)
     refs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
     ref = reference(
-        refs[0], refs[1], target, refs[2], cw, opts.get("ignore_index", -100),
-        opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0), reduction,
+        refs[0],
+        refs[1],
+        target,
+        refs[2],
+        cw,
+        opts.get("ignore_index", -100),
+        opts.get("label_smoothing", 0.0),
+        opts.get("z_loss", 0.0),
+        reduction,
     )
     ref.backward(go.double())
     grads = [t.grad if t is not None else None for t in leaves]
@@ -144,7 +166,9 @@ def test_chunk_sizes_and_no_bias(backend, chunk_size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(backend, dtype):
     x, w, b, target, cw = make_case(40, 32, 200, dtype, seed=2, ignore_every=6)
-    result = run_both(x, w, b, target, backend, "mean", cw, chunk_size=6, label_smoothing=0.1, z_loss=1e-3)
+    result = run_both(
+        x, w, b, target, backend, "mean", cw, chunk_size=6, label_smoothing=0.1, z_loss=1e-3
+    )
     check(result, dtype)
 
 
@@ -166,8 +190,15 @@ def test_all_rows_ignored(backend, reduction):
     target = torch.full((10,), -100, device=DEVICE)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     loss = linear_cross_entropy(
-        *leaves[:2], target, leaves[2], class_weight=cw, label_smoothing=0.2, z_loss=1e-2,
-        reduction=reduction, backend=backend, chunk_size=3,
+        *leaves[:2],
+        target,
+        leaves[2],
+        class_weight=cw,
+        label_smoothing=0.2,
+        z_loss=1e-2,
+        reduction=reduction,
+        backend=backend,
+        chunk_size=3,
     )
     loss.sum().backward()
     assert torch.all(loss == 0)
@@ -182,7 +213,9 @@ def test_partial_gradients(backend, needs):
     leaves = {"x": x.clone(), "w": w.clone(), "b": b.clone()}
     for name in needs:
         leaves[name].requires_grad_()
-    linear_cross_entropy(leaves["x"], leaves["w"], target, leaves["b"], backend=backend, chunk_size=5).backward()
+    linear_cross_entropy(
+        leaves["x"], leaves["w"], target, leaves["b"], backend=backend, chunk_size=5
+    ).backward()
     refs = {k: v.double().requires_grad_(k in needs) for k, v in (("x", x), ("w", w), ("b", b))}
     reference(refs["x"], refs["w"], target, refs["b"]).backward()
     for name in "xwb":
@@ -294,6 +327,8 @@ def test_gpu_bf16_matches_and_saves_memory():
     assert peak < v * h * 4 + 3 * n * v * 2 // 8 + 128 * 2**20, peak  # slack: cuBLAS workspace
     refs = [t.double().requires_grad_() for t in (x, w, b)]
     reference(refs[0], refs[1], target, refs[2], ls=0.1).backward()
-    close(loss.detach(), reference(x.double(), w.double(), target, b.double(), ls=0.1), torch.bfloat16)
+    close(
+        loss.detach(), reference(x.double(), w.double(), target, b.double(), ls=0.1), torch.bfloat16
+    )
     for g, r in zip((t.grad for t in leaves), (t.grad for t in refs)):
         close(g, r, torch.bfloat16)

@@ -154,7 +154,10 @@ def test_string_labels_of_a_csv_are_mapped_and_the_mapping_recorded(cli, tmp_pat
 def test_early_stopping_ends_the_run_when_the_monitor_stalls(cli, tmp_path):
     run_dir = tmp_path / "run"
     result = cli(
-        "optim.lr=1e-9", "trainer.early_stop_patience=2", "trainer.max_epochs=20", f"hydra.run.dir={run_dir}"
+        "optim.lr=1e-9",
+        "trainer.early_stop_patience=2",
+        "trainer.max_epochs=20",
+        f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr
     assert "early stop: val/acc has not improved for 2 epochs" in result.stdout
@@ -166,7 +169,9 @@ def test_gradient_accumulation_steps_the_optimizer_every_n_batches(cli, tmp_path
 
     run_dir = tmp_path / "run"
     result = cli(
-        "data.batch_size=128", "trainer.accumulate_grad_batches=3", "trainer.max_epochs=2",
+        "data.batch_size=128",
+        "trainer.accumulate_grad_batches=3",
+        "trainer.max_epochs=2",
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,495 @@
+"""The sweep driver: what ``python -m engine.train -m search=<preset>`` runs.
+
+1. Plan, before any compute: parse the space (preset ``search.params`` + command-line sweeps),
+   compose and validate trial configs at the space's corners (a misspelt key, a missing config
+   group option, an out-of-range bound fails here, naming the key), resolve the objective.
+2. Open or create the study (journal file in the sweep dir by default), store the worker spec in
+   it, recover trials left RUNNING by dead workers (failed as interrupted, retried), and enqueue
+   the trial slots still missing from ``search.n_trials``.
+3. Start ``search.n_workers`` workers (processes here; or one job each through a non-basic
+   ``hydra/launcher``) and wait; a worker that dies has its trial retried and is replaced.
+4. Write summary.csv, best.yaml, the study TensorBoard run; print the leaderboard. Exit 1 when
+   ``search.max_failures`` trials failed in a row (the sweep stopped) or no trial completed.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from optuna.trial import TrialState
+
+from engine.config import ConfigError, check_override_keys, validate
+from engine.search import storage as st
+from engine.search import summary
+from engine.search.space import Param, grid, parse_space
+from engine.search.spec import Spec
+
+log = logging.getLogger("engine.search")
+
+_SENTINEL = 987654321
+_BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def say(message: str) -> None:
+    print(f"[sweep] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+
+
+def _subdir_pattern(config: DictConfig) -> str:
+    """``hydra.sweep.subdir`` with the Optuna trial number as ``hydra.job.num``."""
+    try:
+        cfg = copy.deepcopy(config)
+        with read_write(cfg.hydra.job), open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = _SENTINEL
+        text = str(cfg.hydra.sweep.subdir)
+    except Exception:
+        return "trial_{number}"
+    if str(_SENTINEL) not in text or "/" in text.replace(str(_SENTINEL), ""):
+        return "trial_{number}"
+    return text.replace("{", "{{").replace("}", "}}").replace(str(_SENTINEL), "{number}")
+
+
+def _corners(space: dict[str, Param]) -> list[dict[str, Any]]:
+    """A few points that touch every choice and both bounds of every range."""
+    first = {n: (p.choices[0] if p.kind == "choice" else p.low) for n, p in space.items()}
+    last = {n: (p.choices[-1] if p.kind == "choice" else p.high) for n, p in space.items()}
+    points = [first, last]
+    for name, p in space.items():
+        if p.kind == "choice":
+            points += [dict(first, **{name: c}) for c in p.choices[1:-1]]
+    return points
+
+
+def _check_space(
+    config: DictConfig, space: dict[str, Param], fixed: list[str], hydra_context: Any
+) -> None:
+    """Compose and validate trial configs at the space's corners: fail before any compute."""
+    problem = check_override_keys([f"{p.key}=0" for p in space.values()])
+    if problem:
+        raise ConfigError(f"search space: {problem}")
+    if hydra_context is None:
+        return
+    for point in _corners(space):
+        overrides = fixed + [space[n].to_override(v) for n, v in point.items()]
+        shown = " ".join(space[n].to_override(v) for n, v in point.items())
+        try:
+            cfg = hydra_context.config_loader.load_sweep_config(config, overrides)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            validate(cfg)
+        except Exception as err:
+            raise ConfigError(
+                f"search space: the trial config {shown} is invalid: {_first_line(err, 2)}"
+            ) from err
+
+
+def _first_line(err: BaseException, n: int = 1) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = ": ".join(lines[:n]) if lines else type(err).__name__
+    if err.__cause__ is not None:  # Hydra wraps OmegaConf's message ("could not be converted")
+        text += f" ({_first_line(err.__cause__)})"
+    return text
+
+
+def resolve_objectives(config: DictConfig) -> tuple[list[str], list[str], list[str]]:
+    """(metrics, directions, metric tags) from search.metric(s)/direction(s), ``auto`` resolved
+    from the data's task, as trainer.monitor does."""
+    from engine.data import build_dataset
+    from engine.train import metric_names
+    from engine.trainer import resolve_monitor
+
+    s = config.search
+    info = build_dataset(config.data).info  # bad data fails here, before any worker starts
+    metrics = list(s.metrics) if s.metrics else [s.metric]
+    given = list(s.directions) if s.directions else [s.direction] * len(metrics)
+    metrics = [resolve_monitor(m, "auto", info)[0] for m in metrics]
+    directions = []
+    for metric, direction in zip(metrics, given):
+        if direction == "auto":
+            direction = (
+                "maximize" if resolve_monitor(metric, "auto", info)[1] == "max" else "minimize"
+            )
+        directions.append(direction)
+    tags = [f"{split}/{n}" for split in ("val", "test") for n in ["loss", *metric_names(info)]]
+    return metrics, directions, tags
+
+
+def _config_sources(config: DictConfig) -> tuple[str, list[str]]:
+    primary, extra = "", []
+    for source in config.hydra.runtime.config_sources:
+        if source.schema != "file":
+            continue
+        if source.provider == "main":
+            primary = source.path
+        elif source.provider == "command-line":
+            extra.append(f"file://{Path(source.path).resolve()}")
+    return str(Path(primary).resolve()), extra
+
+
+def plan(config: DictConfig, arguments: list[str], hydra_context: Any = None) -> Spec:
+    s = config.search
+    if s is None:
+        raise ConfigError(
+            "the engine sweeper needs a search preset: python -m engine.train -m search=tpe "
+            "(grid, random, tpe, gp, cmaes, nsga2)."
+        )
+    job = copy.deepcopy(config)
+    with open_dict(job):
+        del job["hydra"]
+    validate(job)
+    space, fixed = parse_space(arguments, dict(s.params or {}), job)
+    n_trials = s.n_trials
+    if s.sampler == "grid":
+        size = len(grid(space))
+        if n_trials is None or n_trials > size:
+            if n_trials is not None:
+                say(f"search.n_trials={n_trials} is more than the grid's {size} combinations")
+            n_trials = size
+    elif n_trials is None:
+        raise ConfigError(
+            f"search.n_trials=null only works with search=grid; give a number for "
+            f"search.sampler={s.sampler}."
+        )
+    _check_space(config, space, fixed, hydra_context)
+    metrics, directions, tags = resolve_objectives(job)
+    sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    config_dir, search_path = _config_sources(config)
+    max_epochs = (
+        None
+        if any(n.endswith("trainer.max_epochs") for n in space)
+        else int(job.trainer.max_epochs)
+    )
+    return Spec(
+        sweep_dir=str(sweep_dir),
+        config_dir=config_dir,
+        config_name=str(config.hydra.job.config_name),
+        search_path=search_path,
+        fixed=fixed,
+        space={n: p.to_dict() for n, p in space.items()},
+        sampler=s.sampler,
+        seed=int(s.seed),
+        n_trials=int(n_trials),
+        pruner=s.pruner,
+        max_epochs=max_epochs,
+        metrics=metrics,
+        directions=directions,
+        max_failures=int(s.max_failures),
+        session=dt.datetime.now().isoformat(),
+        metric_tags=tags,
+        subdir=_subdir_pattern(config),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# study
+
+
+def open_study(
+    storage: optuna.storages.BaseStorage, name: str, spec: Spec
+) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it to resume; returns (study, resumed)."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions)
+        return study, False
+    from engine.search.tb import direction_names
+
+    had = direction_names(study)
+    if had != spec.directions:
+        raise ConfigError(
+            f"study {name!r} optimises {had} but this sweep asks for {spec.directions} "
+            f"(search.metric/direction); use another search.study_name or hydra.sweep.dir."
+        )
+    return study, True
+
+
+def _worker_count(requested: int | None, waiting: int) -> tuple[int, list[str]]:
+    """(number of workers, the GPU ids to pin them to: empty on CPU)."""
+    import torch
+
+    gpus: list[str] = []
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        gpus = [g.strip() for g in gpus if g.strip()]
+    n = requested or max(1, len(gpus))
+    return max(1, min(n, waiting)), gpus
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Workers:
+    """Worker subprocesses on this machine: one per GPU (pinned), or CPU cores shared out."""
+
+    def __init__(self, storage_arg: str, study_name: str, n: int, gpus: list[str]):
+        self.storage_arg, self.study_name, self.n, self.gpus = storage_arg, study_name, n, gpus
+        self.threads = max(1, _cpu_count() // n) if not gpus else 0
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def start(self, k: int) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[k % len(self.gpus)]
+        else:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        cmd = [sys.executable, "-m", "engine.search.worker", "--storage", self.storage_arg]
+        cmd += ["--study", self.study_name, "--worker", str(k), "--threads", str(self.threads)]
+        self.procs[k] = subprocess.Popen(cmd, env=env)
+
+    def exited(self) -> list[tuple[int, int]]:
+        done = [(k, p.poll()) for k, p in self.procs.items() if p.poll() is not None]
+        for k, _ in done:
+            del self.procs[k]
+        return done  # type: ignore[return-value]
+
+    def join(self, timeout: float = 60.0) -> None:
+        """Wait for workers that are on their way out (their budget is spent)."""
+        deadline = time.time() + timeout
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                p.wait()
+        self.procs.clear()
+
+    def stop(self, grace: float = 10.0) -> None:
+        deadline = time.time() + grace
+        for p in self.procs.values():
+            while p.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs.clear()
+
+
+def _waiting(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def run_processes(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    spec: Spec,
+    storage_arg: str,
+    n_workers: int | None,
+) -> Workers:
+    """Start the workers and wait until they exit or every trial of the budget has finished
+    (then the summary need not wait for the workers' interpreters to shut down: ``join``)."""
+    n, gpus = _worker_count(n_workers, _waiting(study))
+    where = f"GPUs {','.join(gpus)}" if gpus else "CPU"
+    workers = Workers(storage_arg, study.study_name, n, gpus)
+    threads = (
+        f", {workers.threads} thread{'s' if workers.threads > 1 else ''} each" if not gpus else ""
+    )
+    say(f"{n} worker{'s' if n > 1 else ''} on {where}{threads}")
+    for k in range(n):
+        workers.start(k)
+    restarts, max_restarts = 0, 2 * n + 2
+    study_id = storage.get_study_id_from_name(study.study_name)
+
+    def spent() -> bool:
+        counted, running, waiting = st.budget(storage.get_all_trials(study_id, deepcopy=False))
+        return counted >= spec.n_trials and not running and not waiting
+
+    def failing() -> bool:
+        trials = study.get_trials(deepcopy=False)
+        return st.failures_in_a_row(trials, spec.session) >= spec.max_failures
+
+    try:
+        while True:
+            while workers.procs:
+                time.sleep(0.1)
+                if spent():
+                    return workers
+                for k, code in workers.exited():
+                    if code == 0:
+                        continue
+                    lost = st.recover(study, storage)
+                    say(
+                        f"worker {k} exited with code {code}"
+                        + (f"; trial {', '.join(map(str, lost))} will be retried" if lost else "")
+                    )
+                    if _waiting(study) and not failing() and restarts < max_restarts:
+                        restarts += 1
+                        workers.start(k)
+            # Every worker is gone. A trial one of them left RUNNING (it was killed) is failed as
+            # interrupted and retried by another round of workers.
+            lost = st.recover(study, storage)
+            waiting = _waiting(study)
+            if not lost or not waiting or failing() or restarts >= max_restarts:
+                return workers
+            say(f"trial {', '.join(map(str, lost))} was interrupted; retrying it")
+            restarts += 1
+            for k in range(min(n, waiting)):
+                workers.start(k)
+    except KeyboardInterrupt:
+        say("interrupted: stopping the workers (their trials will be retried on a re-run)")
+        workers.stop()
+        raise
+
+
+def run_launcher(
+    config: DictConfig,
+    spec: Spec,
+    storage_arg: str,
+    study_name: str,
+    n_workers: int | None,
+    hydra_context: Any,
+    task_function: Any,
+    waiting: int,
+) -> None:
+    """One job per worker through the configured Hydra launcher (SLURM, joblib, ...): each job
+    runs ``engine.train.main``, which sees ``search.worker`` and runs the worker loop."""
+    from hydra.core.plugins import Plugins
+
+    n = max(1, min(n_workers or 1, waiting))
+    launcher = Plugins.instance().instantiate_launcher(
+        hydra_context=hydra_context, task_function=task_function, config=config
+    )
+    say(f"{n} worker job{'s' if n > 1 else ''} through {config.hydra.launcher._target_}")
+    jobs = [
+        [
+            *spec.fixed,
+            f"search.worker={k}",
+            f"search.storage={_quote(storage_arg)}",
+            f"search.study_name={_quote(study_name)}",
+            f"hydra.sweep.subdir=workers/worker_{k}",
+        ]
+        for k in range(n)
+    ]
+    for result in launcher.launch(jobs, initial_job_idx=0):
+        try:
+            _ = result.return_value
+        except Exception as err:  # the job's trials are recovered below
+            say(f"a worker job failed: {_first_line(err)}")
+
+
+# --------------------------------------------------------------------------------------------
+# the whole sweep
+
+
+def run_sweep(
+    config: DictConfig, arguments: list[str], hydra_context: Any = None, task_function: Any = None
+) -> optuna.Study:
+    from engine.data import DataError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    try:
+        spec = plan(config, arguments, hydra_context)
+        s = config.search
+        sweep_dir = Path(spec.sweep_dir)
+        storage_arg = st.storage_arg(s.storage, sweep_dir)
+        study_name = s.study_name or sweep_dir.name
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        storage = st.open_storage(storage_arg)
+        if not s.storage and not s.study_name:  # the sweep dir's own journal: its one study
+            names = [summary_.study_name for summary_ in storage.get_all_studies()]
+            if len(names) == 1 and names[0] != study_name:
+                say(f"this sweep dir holds study {names[0]!r}: resuming it")
+                study_name = names[0]
+        study, resumed = open_study(storage, study_name, spec)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    study_id = storage.get_study_id_from_name(study_name)
+    if resumed:
+        try:
+            old = st.load_spec(storage, study_id)
+        except ValueError:
+            old = None
+        if old is not None and old.space != spec.space:
+            say("the search space differs from the study's earlier one; new trials use this one")
+    st.save_spec(storage, study_id, spec)
+    lost = st.recover(study, storage)
+    if lost:
+        say(f"trial {', '.join(map(str, lost))} had been interrupted: failed, and retried now")
+    st.top_up(study, spec)
+    counted, running, waiting = st.budget(study.get_trials(deepcopy=False))
+    say(
+        f"{'resuming' if resumed else 'starting'} study {study_name!r} ({spec.sampler}, "
+        f"pruner {spec.pruner}, {' / '.join(f'{m} {d}' for m, d in zip(spec.metrics, spec.directions))}): "
+        f"{spec.n_trials} trials, {counted} done, {waiting} to run"
+        + (f", {running} running elsewhere" if running else "")
+    )
+    say(f"sweep dir {sweep_dir}  storage {storage_arg}")
+    workers: Workers | None = None
+    if waiting:
+        mode = s.launch
+        if mode == "auto":
+            mode = "processes" if config.hydra.launcher._target_ == _BASIC_LAUNCHER else "launcher"
+        try:
+            if mode == "launcher":
+                run_launcher(
+                    config,
+                    spec,
+                    storage_arg,
+                    study_name,
+                    s.n_workers,
+                    hydra_context,
+                    task_function,
+                    waiting,
+                )
+            else:
+                workers = run_processes(study, storage, spec, storage_arg, s.n_workers)
+        except KeyboardInterrupt:
+            st.recover(study, storage)
+            summary.write_all(study, spec, sweep_dir)
+            sys.exit(130)
+        st.recover(study, storage)
+    board, best = summary.write_all(study, spec, sweep_dir)
+    trials = study.get_trials(deepcopy=False)
+    print(board, flush=True)
+    say(f"took {time.perf_counter() - started:.1f}s; summary: {sweep_dir / 'summary.csv'}")
+    if best is not None:
+        say(
+            f"best: trial {best.number}, reproduce with: python -m engine.train "
+            f"--config-dir {sweep_dir} --config-name best"
+        )
+    if workers is not None:
+        workers.join()
+    failing = st.failures_in_a_row(trials, spec.session)
+    if failing >= spec.max_failures and _waiting(study):
+        reasons = [
+            t.user_attrs.get("fail_reason", "") for t in trials if t.state == TrialState.FAIL
+        ]
+        say(
+            f"error: the sweep stopped: {failing} trials in a row failed "
+            f"(search.max_failures={spec.max_failures}); last reason: {reasons[-1] if reasons else '?'}"
+            f". Fix the config or space, then re-run the same command to resume."
+        )
+        sys.exit(1)
+    if best is None and not _waiting(study):
+        say("error: no trial completed; see fail_reason in summary.csv and the trials' train.log")
+        sys.exit(1)
+    return study

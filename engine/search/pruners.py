@@ -1,0 +1,75 @@
+"""Pruners by name, and the epoch callback that lets a trial's run report to its Optuna trial.
+
+The trainer calls ``epoch_callback(epoch, metrics)`` after every epoch; :class:`Reporter` reports
+the objective at step ``epoch`` and raises :class:`Pruned` when the pruner says so. The run then
+stops, and ``engine.train.finish_job`` writes the TensorBoard session with the exception's
+``hparams_status`` (the HPARAMS API has no "pruned" status; the sweep also records the state as
+the ``trial.state`` hparam).
+"""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+
+from engine.config import ConfigError
+
+PRUNERS = ("none", "median", "hyperband")
+
+
+def make_pruner(name: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        # Prune a trial whose value at an epoch is worse than the median of earlier trials at the
+        # same epoch, once 4 trials have finished and after its first epoch.
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    if name == "hyperband":
+        # Steps are epochs (0-based); the budget is the trial's trainer.max_epochs when fixed.
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max_epochs or "auto", reduction_factor=3
+        )
+    raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+
+
+class Pruned(optuna.TrialPruned):
+    """Raised from the epoch callback; ``finish_job`` marks the run's HPARAMS status with it."""
+
+    hparams_status = "unknown"
+
+    def __init__(self, epoch: int, value: float):
+        super().__init__(f"pruned after epoch {epoch + 1} with value {value:.6g}")
+        self.epoch, self.value = epoch, value
+
+
+class Reporter:
+    """The trial's ``epoch_callback``: report the objective each epoch, stop when pruned.
+
+    With several objectives nothing is reported (Optuna prunes single-objective studies only);
+    the metrics are still checked at the first epoch, so a misspelt ``search.metric`` fails the
+    trial at once instead of after training.
+    """
+
+    def __init__(self, trial: optuna.Trial, metrics: list[str]):
+        self.trial, self.metrics = trial, metrics
+        self.last: dict[str, float] = {}
+        self.epochs = 0
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.last, self.epochs = dict(metrics), epoch + 1
+        # test/ metrics exist only at the end: nothing to check or report per epoch.
+        missing = [m for m in self.metrics if m not in metrics and not m.startswith("test/")]
+        if missing:
+            raise ConfigError(
+                f"search.metric={missing[0]} is not among the run's per-epoch metrics "
+                f"({', '.join(sorted(metrics))}); pick one of them."
+            )
+        if len(self.metrics) != 1 or self.metrics[0] not in metrics:
+            return
+        value = float(metrics[self.metrics[0]])
+        if not math.isfinite(value):
+            return
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise Pruned(epoch, value)

@@ -1,0 +1,1 @@
+"""Hydra sweeper plugin of the engine: ``-m search=<preset>`` selects it (conf/search/*.yaml)."""
