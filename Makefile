@@ -1,4 +1,4 @@
-.PHONY: test lint bench
+.PHONY: test lint bench gpu
 test:
 	pytest
 lint:
@@ -6,3 +6,9 @@ lint:
 	ruff format --check .
 bench:
 	python benchmarks/trainer_overhead.py
+	python benchmarks/kernels_metrics.py
+	python benchmarks/kernels_loss.py
+	python benchmarks/lm_memory.py
+	python benchmarks/sweep.py
+gpu:
+	bash benchmarks/gpu_check.sh

@@ -436,6 +436,8 @@ def _schema_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, type]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             keys.update(_schema_keys(type(default), name + "."))
+        elif name == "search":  # optional group: null until -m search=<preset>
+            keys.update(_schema_keys(SearchConfig, name + "."))
     return keys
 
 
@@ -451,7 +453,7 @@ def check_override_keys(args: list[str]) -> str | None:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
         key = arg.split("=", 1)[0]
-        if "/" in key or key.startswith(("hydra", "search")) or key in keys:
+        if "/" in key or key.startswith(("hydra", "search.params.")) or key in keys:
             continue
         hint = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
         fix = f" Did you mean '{hint[0]}'?" if hint else ""

@@ -51,6 +51,13 @@ def test_override_key_check_suggests_the_closest_key():
     )
 
 
+def test_override_key_check_covers_the_search_group_but_not_its_space():
+    assert "Did you mean 'search.n_trials'" in check_override_keys(["search.n_trails=3"])
+    assert (
+        check_override_keys(["search.n_trials=3", "search.params.optim.lr=interval(0.1,1)"]) is None
+    )
+
+
 def test_validate_names_the_key_of_a_bad_choice():
     cfg = compose_train("sched.name=cosin")
     with pytest.raises(ConfigError, match="sched.name='cosin'.*Did you mean 'cosine'"):
