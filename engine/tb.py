@@ -103,9 +103,16 @@ class TBLogger:
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=10)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        for tag, value in values.items():
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                self.writer.add_scalar(tag, value, step)
+        """All values as one event (one record instead of one per tag: cheaper per epoch)."""
+        summary = Summary(
+            value=[
+                Summary.Value(tag=tag, simple_value=float(value))
+                for tag, value in values.items()
+                if value is not None and not math.isnan(value)
+            ]
+        )
+        if summary.value:
+            self.writer._get_file_writer().add_summary(summary, step)
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         self.writer.add_text(tag, markdown, step)

@@ -245,8 +245,7 @@ def finish_job(job: Job) -> dict[str, float]:
             log.info(trainer.stop_reason)
         best = job.run_dir / "checkpoints" / "best.pt"
         if best.exists() and t.save_checkpoints:
-            state = torch.load(best, map_location=trainer.device, weights_only=True)
-            job.model.load_state_dict(state["model"])
+            job.model.load_state_dict(ckpt.load(best)["model"])
         test = trainer.evaluate(job.test_loader, "test")
         results = {k: v for k, v in best_val.items() if k.startswith("val/")}
         results["train/loss"] = trainer.state.last_metrics.get("train/loss", float("nan"))

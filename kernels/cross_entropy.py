@@ -469,6 +469,14 @@ def _small_torch(logits, target, weight, opts: CEOptions, reduction: str) -> tor
     c = logits.shape[-1]
     x = logits.reshape(-1, c).float()
     t = target.reshape(-1)
+    if weight is None and opts.z_loss == 0 and reduction == "mean":
+        # torch's mean is 0/0 = NaN only when every row is ignored (its gradient is then 0
+        # already): select 0 for that case on the device. The common training call, 3 ops.
+        loss = F.cross_entropy(
+            x, t, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing
+        )
+        counted = (t != opts.ignore_index).any()
+        return torch.where(counted, loss, torch.zeros_like(loss)).to(logits.dtype)
     w = class_weight_fp32(weight)
     per_row = reduction == "none" or opts.z_loss != 0
     loss = F.cross_entropy(

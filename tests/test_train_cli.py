@@ -165,7 +165,7 @@ def test_early_stopping_ends_the_run_when_the_monitor_stalls(cli, tmp_path):
 
 
 def test_gradient_accumulation_steps_the_optimizer_every_n_batches(cli, tmp_path):
-    import torch
+    from engine import checkpoint as ckpt
 
     run_dir = tmp_path / "run"
     result = cli(
@@ -175,5 +175,5 @@ def test_gradient_accumulation_steps_the_optimizer_every_n_batches(cli, tmp_path
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
     assert state["fit"]["global_step"] == 2 * 4  # 10 batches an epoch -> steps after 3, 6, 9, 10
