@@ -71,6 +71,27 @@ def make_metrics_factory(info: DataInfo, device: torch.device) -> Callable[[], A
     return lambda: ClassificationMetrics(info.num_classes).to(device)
 
 
+def check_compile_supported(device: torch.device) -> None:
+    """``trainer.compile=true`` fails late and obscurely where torch.compile cannot work: say so
+    before any compute."""
+    import os
+    import shutil
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(
+            f"trainer.compile=true: torch.compile is not supported with this Python/torch "
+            f"({sys.version.split()[0]}, torch {torch.__version__}); set trainer.compile=false."
+        )
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            raise ConfigError(
+                f"trainer.compile=true on the CPU needs a C++ compiler, and '{compiler}' (from $CXX "
+                f"or the default g++) was not found; install one (e.g. Debian's g++), point CXX at "
+                f"it, or set trainer.compile=false."
+            )
+
+
 def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True)
     flat = flatten(container)
@@ -123,6 +144,8 @@ def build_job(
         torch.set_num_threads(t.num_threads)
     device = dist.local_device(pick_device(t.device))
     precision = pick_precision(t.precision, device)
+    if t.compile:
+        check_compile_supported(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     rank, world_size = dist.init(device)

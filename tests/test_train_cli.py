@@ -50,6 +50,7 @@ def test_main_job_writes_the_run_dir_layout_and_reaches_the_accuracy_target(cli,
     tags = {m.name.tag for m in records["_hparams_/experiment"].experiment.metric_infos}
     assert {"val/acc", "test/acc"} <= tags
     assert "config" in {t.split("/")[0] for t in acc.Tags()["tensors"]}  # resolved config as text
+    assert {"confusion_matrix", "reliability"} <= set(acc.Tags()["images"])
     # The final table and one progress line per epoch (stdout is a pipe here, so no bar).
     assert "epoch 30/30" in result.stdout and "test" in result.stdout
     assert "\r" not in result.stderr
@@ -85,6 +86,18 @@ def test_out_of_range_or_incompatible_values_fail_with_the_key_named(
     result = cli(override, "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert message in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_compile_without_a_cpu_compiler_is_refused_before_training(cli, tmp_path):
+    result = cli(
+        "trainer.compile=true",
+        "trainer.device=cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"CXX": "/nonexistent/g++"},
+    )
+    assert result.returncode == 2
+    assert "trainer.compile=true on the CPU needs a C++ compiler" in result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
