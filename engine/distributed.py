@@ -31,10 +31,7 @@ def share_run_dir(argv: list[str]) -> list[str]:
     explicit = any(a.startswith("hydra.run.dir=") for a in argv)
     if not launched_by_torchrun() or explicit or {"-m", "--multirun"} & set(argv):
         return argv
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        )
+    _join()
     stamp = broadcast_object(time.strftime("%Y-%m-%d_%H-%M-%S"))
     return [*argv, f"hydra.run.dir=outputs/runs/{stamp}"]
 
@@ -43,12 +40,15 @@ def init(device: torch.device) -> tuple[int, int]:
     """Join the process group torchrun describes; return (rank, world_size)."""
     if not launched_by_torchrun():
         return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend, device_id=device if device.type == "cuda" else None
-        )
+    _join(device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _join(device_id: torch.device | None = None) -> None:
+    """Join torchrun's process group once: gloo for CPU tensors, NCCL for CUDA ones."""
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, device_id=device_id)
 
 
 def is_initialized() -> bool:

@@ -276,7 +276,7 @@ def finish_job(job: Job) -> dict[str, float]:
         if job.is_main:
             logger.scalars(test, trainer.state.global_step)
             if job.info.task == "classification":
-                _log_figures(logger, trainer.last_eval_metrics, job.info, trainer.state.global_step)
+                _log_figures(logger, trainer.eval_metrics, job.info, trainer.state.global_step)
         status = "success"
     except BaseException as err:
         # A sweep's pruning exception says how HPARAMS should show the trial; anything else failed.

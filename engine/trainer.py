@@ -154,7 +154,8 @@ class Trainer:
         self.progress = _progress_mode(cfg.progress)
         self.stop_reason = ""
         self.checkpointer = ckpt.AsyncCheckpointer()
-        self._metrics: Any = None  # one metrics object, reset per evaluation
+        # One metrics object, reset per evaluation; it keeps the last evaluation's state.
+        self.eval_metrics: Any = None
 
     # ----------------------------------------------------------------------------------------
     # epochs
@@ -323,9 +324,9 @@ class Trainer:
         model = self.model
         was_training = model.training
         model.eval()
-        if self._metrics is None:
-            self._metrics = self.make_metrics()
-        metrics = self._metrics
+        if self.eval_metrics is None:
+            self.eval_metrics = self.make_metrics()
+        metrics = self.eval_metrics
         metrics.reset()
         loss_sum = torch.zeros(2, device=self.device, dtype=torch.float64)
         eval_loss = self.objective.logits_loss
@@ -351,7 +352,6 @@ class Trainer:
         results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
         if self.info.task == "lm":
             results[f"{prefix}/perplexity"] = math.exp(min(results[f"{prefix}/loss"], 50.0))
-        self.last_eval_metrics = metrics
         model.train(was_training)
         return results
 
