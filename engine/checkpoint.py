@@ -7,21 +7,29 @@ loadable ``last.pt``. ``best.pt`` is a hard link to the ``last.pt`` file it was 
 write instead of two); replacing ``last.pt`` later makes a new file and leaves the link's inode
 alone.
 
-The file holds a JSON text and one byte tensor (see ``pack``), so it loads with
-``torch.load(weights_only=True)``: a checkpoint cannot run code. Read it with ``load``.
+File layout (the safetensors layout: nothing in it is executable, unlike a pickle)::
+
+    8 bytes       N, the header length, unsigned little-endian
+    N bytes       JSON header, padded with spaces so the data starts 8-byte aligned:
+                  {"__metadata__": {"format": FORMAT, "skeleton": <JSON text>, "crc32": <text>},
+                   "<i>": {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, ...}
+    data          every tensor's bytes, back to back, widest dtypes first (so each is aligned)
+
+The skeleton is the nested state (dicts, lists, numbers, strings) with each tensor replaced by its
+name. The CRC-32 of the data catches a torn or bit-flipped file at load. Read it with ``load``.
 """
 
 from __future__ import annotations
 
 import errno
-import io
 import json
-import math
 import os
 import queue
 import random
 import shutil
 import threading
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +56,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# safetensors' dtype codes.
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
 def _pack(value: Any, tensors: list[torch.Tensor]) -> Any:
     """JSON-able skeleton of ``value``; tensors are replaced by their index in ``tensors``."""
     if isinstance(value, torch.Tensor):
+        if value.dtype not in _DTYPE_CODES:
+            raise TypeError(f"cannot checkpoint a {value.dtype} tensor")
         tensors.append(value.detach())
         return {"t": len(tensors) - 1}
     if isinstance(value, dict):
@@ -64,7 +90,7 @@ def _pack(value: Any, tensors: list[torch.Tensor]) -> Any:
     raise TypeError(f"cannot checkpoint a {type(value).__name__}")
 
 
-def _unpack(node: Any, tensors: list[torch.Tensor]) -> Any:
+def _unpack(node: Any, tensors: dict[int, torch.Tensor]) -> Any:
     if isinstance(node, dict):
         if "t" in node:
             return tensors[node["t"]]
@@ -76,67 +102,138 @@ def _unpack(node: Any, tensors: list[torch.Tensor]) -> Any:
     return node
 
 
-def pack(state: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint file holds: a snapshot that later training steps cannot change.
+@dataclass
+class Packed:
+    """A snapshot of a state that later training steps cannot change: the skeleton, where each
+    tensor lies in ``data``, and ``data``, every tensor's bytes copied into one uint8 buffer."""
 
-    The nested state becomes a JSON skeleton plus every tensor's bytes copied into one uint8
-    buffer (8-byte aligned). One tensor instead of dozens, and no per-object pickling, make a
-    small model's checkpoint several times cheaper to write; the file still loads with
-    ``torch.load(weights_only=True)``. Packing is the only part done on the training thread.
+    skeleton: Any
+    layout_json: str  # the header entries of the tensors, as JSON object members
+    data: torch.Tensor
+
+
+class Packer:
+    """Copies states into one buffer that is reused while the tensors keep their dtypes and
+    shapes (every save of a run), so a save is one batched copy with no allocation.
+
+    The buffer of the previous ``pack`` is overwritten: pack again only once that one is on
+    disk. ``pack()`` (the function) uses a fresh buffer each time.
     """
-    tensors: list[torch.Tensor] = []
-    skeleton = _pack(state, tensors)
-    layout, pieces, offset = [], [], 0
-    for t in tensors:
-        raw = t.contiguous().reshape(-1).view(torch.uint8).cpu()
-        pad = -offset % 8
-        if pad:
-            pieces.append(torch.zeros(pad, dtype=torch.uint8))
-            offset += pad
-        layout.append([str(t.dtype).removeprefix("torch."), list(t.shape), offset])
-        pieces.append(raw)
-        offset += raw.numel()
-    data = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8)
-    header = json.dumps({"format": FORMAT, "skeleton": skeleton, "tensors": layout})
-    return {"header": header, "data": data}
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._data = torch.zeros(0, dtype=torch.uint8)
+        self._views: list[torch.Tensor] = []
+        self._layout_json = ""
+
+    def pack(self, state: dict[str, Any]) -> Packed:
+        tensors: list[torch.Tensor] = []
+        skeleton = _pack(state, tensors)
+        key = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+        if key != self._key:
+            self._lay_out(tensors)
+            self._key = key
+        if tensors and all(t.device.type == "cpu" for t in tensors):
+            torch._foreach_copy_(self._views, tensors)
+        else:
+            for view, t in zip(self._views, tensors, strict=True):
+                view.copy_(t)  # device-to-host copies; .copy_ waits for them
+        return Packed(skeleton, self._layout_json, self._data)
+
+    def _lay_out(self, tensors: list[torch.Tensor]) -> None:
+        # Widest element first: every tensor then starts at a multiple of its own element size.
+        order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+        spans, offset = {}, 0
+        for i in order:
+            nbytes = tensors[i].numel() * tensors[i].element_size()
+            spans[i] = (offset, offset + nbytes)
+            offset += nbytes
+        self._data = torch.empty(offset, dtype=torch.uint8)
+        self._views = [
+            self._data[spans[i][0] : spans[i][1]].view(t.dtype).view(t.shape)
+            for i, t in enumerate(tensors)
+        ]
+        layout = {
+            str(i): {
+                "dtype": _DTYPE_CODES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": list(spans[i]),
+            }
+            for i, t in enumerate(tensors)
+        }
+        self._layout_json = json.dumps(layout)[1:-1]
 
 
-def unpack(saved: Any) -> dict[str, Any]:
-    header = json.loads(saved["header"])
-    data: torch.Tensor = saved["data"]
-    tensors = []
-    for dtype_name, shape, offset in header["tensors"]:
-        dtype = getattr(torch, dtype_name)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        tensors.append(data[offset : offset + nbytes].view(dtype).reshape(shape).clone())
-    state = _unpack(header["skeleton"], tensors)
-    state["format"] = header["format"]
+def pack(state: dict[str, Any]) -> Packed:
+    """Copy ``state`` into a new buffer: the snapshot a later write serializes."""
+    return Packer().pack(state)
+
+
+def _header(packed: Packed, crc: int) -> bytes:
+    metadata = {"format": FORMAT, "skeleton": json.dumps(packed.skeleton), "crc32": str(crc)}
+    members = [f'"__metadata__": {json.dumps(metadata)}'] + [packed.layout_json] * bool(
+        packed.layout_json
+    )
+    text = ("{" + ", ".join(members) + "}").encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the data then starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """Parse a checkpoint file; any inconsistency raises ValueError."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError("the header length exceeds the file")
+        header = json.loads(f.read(n))
+        metadata = header.pop("__metadata__")
+        data = torch.empty(size - 8 - n, dtype=torch.uint8)
+        if data.numel():
+            f.readinto(memoryview(data.numpy()))
+    if metadata.get("format") != FORMAT:
+        return {"format": metadata.get("format")}
+    spans = sorted(spec["data_offsets"] for spec in header.values())
+    starts = [begin for begin, _ in spans]
+    ends = [end for _, end in spans]
+    if starts != [0, *ends[:-1]][: len(starts)] or (ends[-1] if ends else 0) != data.numel():
+        raise ValueError("the file is truncated or its tensors overlap")
+    if zlib.crc32(memoryview(data.numpy())) != int(metadata["crc32"]):
+        raise ValueError("the data does not match its CRC-32")
+    tensors = {}
+    for name, spec in header.items():
+        begin, end = spec["data_offsets"]
+        dtype = _CODE_DTYPES[spec["dtype"]]
+        # A copy of its own for each: some consumers (torch.set_rng_state) read a tensor's
+        # storage from its start and would see the bytes of the tensors before it.
+        tensors[int(name)] = data[begin:end].view(dtype).reshape(spec["shape"]).clone()
+    state = _unpack(json.loads(metadata["skeleton"]), tensors)
+    state["format"] = FORMAT
     return state
 
 
-def save_atomic(state: dict[str, Any], path: Path, *, packed: bool = False) -> None:
-    """Write ``state`` (or, with ``packed``, what ``pack`` made of it) to ``path`` so that
-    ``path`` is always either the old or the new file."""
+def save_atomic(state: dict[str, Any] | Packed, path: Path, best: Path | None = None) -> None:
+    """Write ``state`` (or its ``pack``) to ``path`` so that ``path`` is always either the old
+    or the new file; with ``best``, make that the same file. One folder fsync covers both."""
     path = Path(path)
-    contents = state if packed else pack(state)
+    packed = state if isinstance(state, Packed) else pack(state)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Serialized in memory first: torch.save straight into a file turns a full disk into an
-        # opaque RuntimeError, where a plain write raises the OSError that names the cause.
-        buffer = io.BytesIO()
-        torch.save(contents, buffer)
-        data = buffer.getbuffer()
+        data = memoryview(packed.data.numpy())
+        half = len(data) // 2
         with open(tmp, "wb") as f:
-            f.write(data[: len(data) // 2])
+            f.write(_header(packed, zlib.crc32(data)))
+            f.write(data[:half])
             if faults.KILL_DURING_SAVE:
                 f.flush()
                 faults.during_save()
-            f.write(data[len(data) // 2 :])
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if best is not None:
+            link_best(path, best)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         reason = {
@@ -153,6 +250,7 @@ def save_atomic(state: dict[str, Any], path: Path, *, packed: bool = False) -> N
             f"folder writable (or move it with hydra.run.dir=...), then resume with "
             f"trainer.resume=auto."
         ) from err
+    _fsync_dir(path.parent)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -164,7 +262,8 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 
 def link_best(last: Path, best: Path) -> None:
-    """Make ``best`` the same file as ``last`` (hard link, atomically; a copy where links fail)."""
+    """Make ``best`` the same file as ``last`` (hard link, atomically; a copy where links fail).
+    The caller fsyncs the folder."""
     tmp = best.with_name(f".{best.name}.tmp.{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
@@ -172,7 +271,6 @@ def link_best(last: Path, best: Path) -> None:
     except OSError:
         shutil.copyfile(last, tmp)
     os.replace(tmp, best)
-    _fsync_dir(best.parent)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -181,7 +279,7 @@ def load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"trainer.resume: no checkpoint at {path}.")
     try:
-        state = unpack(torch.load(path, map_location="cpu", weights_only=True))
+        state = _read(path)
     except Exception as err:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not one of ours ({type(err).__name__}: {err}). "
@@ -196,18 +294,17 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
-FORMAT = "engine-checkpoint-v2"
+FORMAT = "engine-checkpoint-v3"
 
 
 class AsyncCheckpointer:
     """Writes checkpoints on a background thread, so training does not wait on the disk.
 
-    ``save`` packs the state in the calling thread (the packed copy is the snapshot, so later
-    steps cannot leak into it) and hands serialization, file I/O, fsync and rename to one
-    long-lived writer thread. At most one write is in flight: the next
-    ``save`` or ``wait`` waits for it and re-raises its error. Each write is the same atomic
-    protocol as ``save_atomic``, so a kill during a background write still leaves the previous
-    file whole.
+    ``save`` copies the state into a reused buffer in the calling thread (that copy is the
+    snapshot, so later steps cannot leak into it) and hands the file I/O, fsync and rename to one
+    writer thread. At most one write is in flight: the next ``save`` or ``wait`` waits for it and
+    re-raises its error. Each write is the same atomic protocol as ``save_atomic``, so a kill
+    during a background write still leaves the previous file whole. ``close`` ends the thread.
     """
 
     def __init__(self) -> None:
@@ -216,10 +313,11 @@ class AsyncCheckpointer:
         self._idle.set()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._packer = Packer()
 
     def save(self, state: dict[str, Any], path: Path, best: Path | None = None) -> None:
-        self.wait()
-        contents = pack(state)
+        self.wait()  # the buffer is free again
+        contents = self._packer.pack(state)
         if self._thread is None:
             # A daemon: a process that dies mid-write leaves a temporary file, never a torn one.
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -228,12 +326,10 @@ class AsyncCheckpointer:
         self._jobs.put((contents, path, best))
 
     def _run(self) -> None:
-        while True:
-            contents, path, best = self._jobs.get()
+        while (job := self._jobs.get()) is not None:
+            contents, path, best = job
             try:
-                save_atomic(contents, path, packed=True)
-                if best is not None:
-                    link_best(path, best)
+                save_atomic(contents, path, best)
             except BaseException as err:  # handed to the training thread by wait()
                 self._error = err
             finally:
@@ -245,6 +341,16 @@ class AsyncCheckpointer:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def close(self) -> None:
+        """Wait for the write in flight, then stop the writer thread (a later save restarts it)."""
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
 
 
 # --------------------------------------------------------------------------------------------

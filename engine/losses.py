@@ -47,6 +47,9 @@ class Objective:
         self.fused_head = fused_head and self.name == "cross_entropy"
         ce_options = dict(label_smoothing=cfg.label_smoothing)
         if self.name == "cross_entropy" and cfg.fused:
+            # Every target of our data is a real class (labels are mapped to [0, C), tokens to
+            # vocabulary ids), so no row is ever ignored: the kernels skip that guard.
+            ce_options["ignore_index"] = None
             import kernels
 
             self.logits_loss = functools.partial(

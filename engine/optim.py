@@ -49,9 +49,53 @@ def lr_factor(cfg: Any, step: int, total_steps: int, steps_per_epoch: int) -> fl
     return 1.0
 
 
+class LRSchedule:
+    """Sets every param group's lr to ``base_lr * lr_factor(step)`` after each optimizer step.
+
+    What ``LambdaLR`` does, minus its per-step bookkeeping: with a constant factor (``sched=none``
+    without warmup) a step is a counter increment, which matters on small models where an
+    optimizer step takes tens of microseconds. The state is the step count and the base lrs.
+    """
+
+    def __init__(
+        self, cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
+    ):
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        warmup = cfg.warmup_steps or int(cfg.warmup_fraction * total_steps)
+        self.constant = cfg.name == "none" and warmup == 0
+        self.step_count = 0
+        self._apply()
+
+    def factor(self, step: int) -> float:
+        return lr_factor(self.cfg, step, self.total_steps, self.steps_per_epoch)
+
+    def step(self) -> None:
+        self.step_count += 1
+        if not self.constant:
+            self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _apply(self) -> None:
+        factor = self.factor(self.step_count)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.base_lrs = [float(lr) for lr in state["base_lrs"]]
+        self._apply()
+
+
 def build_scheduler(
     cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, step, total_steps, steps_per_epoch)
-    )
+) -> LRSchedule:
+    return LRSchedule(cfg, optimizer, total_steps, steps_per_epoch)

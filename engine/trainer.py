@@ -29,6 +29,7 @@ from engine import checkpoint as ckpt
 from engine import distributed as dist
 from engine import faults
 from engine.data import BatchLoader, DataInfo
+from engine.optim import LRSchedule
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Trainer:
         model: nn.Module,
         objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scheduler: LRSchedule,
         train_loader: BatchLoader,
         val_loader: BatchLoader | None,
         make_metrics: Callable[[], Any],
@@ -165,7 +166,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self.checkpointer.wait()  # every checkpoint is on disk before fit returns or raises
+            self.checkpointer.close()  # every checkpoint is on disk before fit returns or raises
 
     def _fit(self) -> dict[str, float]:
         start = time.perf_counter()
@@ -242,7 +243,7 @@ class Trainer:
                 loss = loss * float("nan")
             scaled = loss / accumulate if accumulate > 1 else loss
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += loss.detach() * x.shape[0]
+            loss_sum.add_(loss.detach(), alpha=x.shape[0])
             samples += x.shape[0]
             if (b + 1) % accumulate == 0 or b + 1 == n_batches:
                 if faults.KILL_AT_STEP:
@@ -275,9 +276,9 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            loss_value, norm_value = torch.stack([loss.float(), norm.float()]).tolist()
         else:
-            norm = _grad_norm(self.params, self.device)
-        loss_value, norm_value = torch.stack([loss.float(), norm.float()]).tolist()
+            loss_value, norm_value = _loss_and_grad_norm(loss, self.params)
         # Gradients are identical on every rank after DDP's all-reduce, so the gradient norm
         # gives every rank the same verdict; fp16's scaler treats inf gradients as routine.
         grads_bad = not math.isfinite(norm_value) and self.scaler is None
@@ -518,11 +519,16 @@ def _progress_mode(setting: str) -> str:
     return "bar" if sys.stderr.isatty() else "epoch"
 
 
-def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _loss_and_grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float]:
+    """The loss and the total gradient norm as floats, read in one transfer. The per-tensor
+    norms are combined on the host: a small model's step is short enough for the ops saved to
+    count."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return float(loss), 0.0
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    loss_value, *values = torch.stack([loss.float().reshape(()), *norms]).tolist()
+    return loss_value, math.sqrt(math.fsum(v * v for v in values))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

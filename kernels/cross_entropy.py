@@ -84,6 +84,17 @@ class CEOptions:
     z_loss: float = 0.0
 
 
+# ``ignore_index=None`` ("no row is ignored") is carried as a target value no int64 id can take
+# in practice, so the kernels keep a single code path; callers that know every row counts (a
+# classifier's labels) use it to skip the all-ignored guard.
+NO_IGNORE = -(2**63)
+
+
+def make_options(ignore_index: int | None, label_smoothing: float, z_loss: float) -> CEOptions:
+    index = NO_IGNORE if ignore_index is None else int(ignore_index)
+    return CEOptions(index, float(label_smoothing), float(z_loss))
+
+
 # --------------------------------------------------------------------------- Triton kernels
 
 
@@ -435,7 +446,7 @@ def cross_entropy(
     target: torch.Tensor,
     *,
     weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     reduction: str = "mean",
@@ -445,9 +456,11 @@ def cross_entropy(
     """``F.cross_entropy`` on ``[..., C]`` logits (class dim last) plus an optional z-loss.
 
     See the module docstring for the formula, the normaliser and the ``inplace_grad`` rule.
+    ``ignore_index=None``: every row counts (targets must lie in ``[0, C)``); the mean then
+    divides by the row count, which saves the guard against an all-ignored batch.
     ``backend``: ``"auto"`` (Triton for CUDA tensors when it imports), ``"triton"``, ``"torch"``.
     """
-    opts = CEOptions(int(ignore_index), float(label_smoothing), float(z_loss))
+    opts = make_options(ignore_index, label_smoothing, z_loss)
     chosen = pick_backend(logits, backend)
     if chosen == "torch" and not inplace_grad and logits.numel() <= SMALL_TORCH_ELEMENTS:
         check_args(logits.shape, logits.device, target, weight, opts, reduction)
@@ -469,7 +482,12 @@ def _small_torch(logits, target, weight, opts: CEOptions, reduction: str) -> tor
     c = logits.shape[-1]
     x = logits.reshape(-1, c).float()
     t = target.reshape(-1)
-    if weight is None and opts.z_loss == 0 and reduction == "mean":
+    if weight is None and opts.z_loss == 0 and reduction == "mean" and x.shape[0] > 0:
+        if opts.ignore_index == NO_IGNORE:  # every row counts: torch's own loss, nothing added
+            loss = F.cross_entropy(
+                x, t, ignore_index=NO_IGNORE, label_smoothing=opts.label_smoothing
+            )
+            return loss.to(logits.dtype)
         # torch's mean is 0/0 = NaN only when every row is ignored (its gradient is then 0
         # already): select 0 for that case on the device. The common training call, 3 ops.
         loss = F.cross_entropy(

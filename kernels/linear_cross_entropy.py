@@ -52,10 +52,10 @@ import torch
 from kernels._common import env_float, env_int, pick_backend
 from kernels.cross_entropy import (
     ROW_BACKENDS,
-    CEOptions,
     check_args,
     class_weight_fp32,
     grad_scale,
+    make_options,
     reduce_rows,
 )
 
@@ -284,7 +284,7 @@ def linear_cross_entropy(
     bias: torch.Tensor | None = None,
     *,
     class_weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     reduction: str = "mean",
@@ -296,7 +296,7 @@ def linear_cross_entropy(
     ``class_weight`` is the per-class weight of the loss; ``chunk_size`` overrides the rows per
     chunk (see the module docstring for the default).
     """
-    opts = CEOptions(int(ignore_index), float(label_smoothing), float(z_loss))
+    opts = make_options(ignore_index, label_smoothing, z_loss)
     chosen = pick_backend(x, backend)
     return _LinearCrossEntropy.apply(
         x, weight, target, bias, class_weight, opts, reduction, chosen, chunk_size

@@ -109,7 +109,7 @@ def run_both(logits, target, backend, reduction="mean", weight=None, **opts):
         x64,
         target,
         weight,
-        opts.get("ignore_index", -100),
+        -100 if opts.get("ignore_index", -100) is None else opts.get("ignore_index", -100),
         opts.get("label_smoothing", 0.0),
         opts.get("z_loss", 0.0),
         reduction,
@@ -124,6 +124,14 @@ OPTION_SETS = {
     "smooth_ignore": {"label_smoothing": 0.1, "ignore_index": -1, "ignore_every": 3},
     "weight_smooth_ignore": {"weight": True, "label_smoothing": 0.2, "ignore_every": 4},
     "z_loss": {"z_loss": 1e-3},
+    # None: every row counts (what the trainer passes for classifier labels).
+    "no_ignore": {"ignore_index": None},
+    "no_ignore_everything": {
+        "ignore_index": None,
+        "weight": True,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-2,
+    },
     "everything": {
         "weight": True,
         "label_smoothing": 0.1,

@@ -114,7 +114,7 @@ def run_both(x, w, b, target, backend, reduction="mean", cw=None, chunk_size=Non
         target,
         refs[2],
         cw,
-        opts.get("ignore_index", -100),
+        -100 if opts.get("ignore_index", -100) is None else opts.get("ignore_index", -100),
         opts.get("label_smoothing", 0.0),
         opts.get("z_loss", 0.0),
         reduction,
@@ -153,6 +153,14 @@ def test_matches_reference_fp32(backend, reduction, options):
         x, w, b, target, backend, reduction, cw if everything else None, chunk_size=8, **opts
     )
     check(result, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_ignore_index_none_counts_every_row(backend, reduction):
+    x, w, b, target, cw = make_case(37, 24, 257, torch.float32)
+    opts = {"ignore_index": None, "label_smoothing": 0.1, "z_loss": 1e-3}
+    check(run_both(x, w, b, target, backend, reduction, cw, chunk_size=8, **opts), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

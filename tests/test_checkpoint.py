@@ -1,0 +1,144 @@
+"""The checkpoint file: its documented layout, exact round trips, and refusal of damaged files."""
+
+import json
+import os
+import threading
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+
+
+def sample_state():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "format": ckpt.FORMAT,
+        "model": {"w": torch.randn(3, 5, generator=g), "b": torch.randn(5, generator=g)},
+        "optimizer": {"state": {0: {"step": torch.tensor(7.0)}}, "lr": [1e-3, 0.0]},
+        "mixed": (1, 2.5, "text", None, True, [torch.arange(4), torch.tensor(True)]),
+        "half": torch.randn(6, generator=g).to(torch.bfloat16),
+        "bytes": torch.arange(3, dtype=torch.uint8),
+        "empty": torch.zeros(0, 3),
+        "rng": ckpt.rng_state(),
+    }
+
+
+def parse_by_the_documented_layout(path):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    return header, raw[8 + n :], 8 + n
+
+
+def test_the_file_is_a_length_a_json_header_and_aligned_tensor_bytes(tmp_path):
+    state = sample_state()
+    ckpt.save_atomic(state, tmp_path / "last.pt")
+    header, data, data_start = parse_by_the_documented_layout(tmp_path / "last.pt")
+    metadata = header.pop("__metadata__")
+    assert metadata["format"] == ckpt.FORMAT and all(isinstance(v, str) for v in metadata.values())
+    assert data_start % 8 == 0
+    spans = sorted(spec["data_offsets"] for spec in header.values())
+    assert spans[0][0] == 0 and spans[-1][1] == len(data)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # no holes
+    weight = header[next(k for k, v in header.items() if v["shape"] == [3, 5])]
+    begin, end = weight["data_offsets"]
+    assert weight["dtype"] == "F32" and begin % 4 == 0
+    assert data[begin:end] == state["model"]["w"].numpy().tobytes()
+
+
+def test_load_gives_back_every_value_and_dtype(tmp_path):
+    state = sample_state()
+    ckpt.save_atomic(state, tmp_path / "last.pt")
+    loaded = ckpt.load(tmp_path / "last.pt")
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["half"].dtype == torch.bfloat16 and torch.equal(loaded["half"], state["half"])
+    assert loaded["mixed"][:5] == (1, 2.5, "text", None, True)
+    assert torch.equal(loaded["mixed"][5][0], torch.arange(4))
+    assert loaded["mixed"][5][1].dtype == torch.bool
+    assert loaded["empty"].shape == (0, 3)
+    assert loaded["optimizer"]["state"][0]["step"].item() == 7.0  # int keys stay ints
+
+
+def test_restored_rng_state_replays_the_same_numbers(tmp_path):
+    torch.manual_seed(5)
+    ckpt.save_atomic({"format": ckpt.FORMAT, "rng": ckpt.rng_state()}, tmp_path / "last.pt")
+    expected = torch.rand(4)
+    ckpt.set_rng_state(ckpt.load(tmp_path / "last.pt")["rng"])
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_flipped_bit_in_the_tensor_data_is_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic(sample_state(), path)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="corrupt.*CRC-32"):
+        ckpt.load(path)
+
+
+def test_a_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic(sample_state(), path)
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt.*truncated"):
+        ckpt.load(path)
+
+
+def test_a_checkpoint_of_another_format_version_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    monkeypatch.setattr(ckpt, "FORMAT", "engine-checkpoint-v0")
+    ckpt.save_atomic(sample_state(), path)
+    monkeypatch.undo()
+    with pytest.raises(ckpt.CheckpointError, match="another version.*engine-checkpoint-v0"):
+        ckpt.load(path)
+
+
+def test_each_background_save_is_a_snapshot_of_its_moment(tmp_path):
+    writer = ckpt.AsyncCheckpointer()
+    weight = torch.zeros(1000)
+    saved = []
+    for step in range(4):
+        weight.add_(1.0)  # the training step after a save must not leak into it
+        writer.save({"format": ckpt.FORMAT, "w": weight}, tmp_path / f"{step}.pt")
+        saved.append(step + 1.0)
+    writer.close()
+    for step, value in enumerate(saved):
+        assert torch.all(ckpt.load(tmp_path / f"{step}.pt")["w"] == value)
+
+
+def test_a_new_shape_gets_a_new_buffer(tmp_path):
+    writer = ckpt.AsyncCheckpointer()
+    writer.save({"format": ckpt.FORMAT, "w": torch.ones(3)}, tmp_path / "a.pt")
+    writer.save({"format": ckpt.FORMAT, "w": torch.full((2, 4), 2.0)}, tmp_path / "b.pt")
+    writer.close()
+    assert torch.equal(ckpt.load(tmp_path / "a.pt")["w"], torch.ones(3))
+    assert torch.equal(ckpt.load(tmp_path / "b.pt")["w"], torch.full((2, 4), 2.0))
+
+
+def test_best_is_the_last_file_of_its_epoch_and_survives_later_saves(tmp_path):
+    writer = ckpt.AsyncCheckpointer()
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    writer.save({"format": ckpt.FORMAT, "epoch": 1}, last, best)
+    writer.wait()
+    assert os.path.samefile(last, best)
+    writer.save({"format": ckpt.FORMAT, "epoch": 2}, last)
+    writer.close()
+    assert ckpt.load(best)["epoch"] == 1 and ckpt.load(last)["epoch"] == 2
+
+
+def test_close_ends_the_writer_thread(tmp_path):
+    writer = ckpt.AsyncCheckpointer()
+    writer.save({"format": ckpt.FORMAT, "x": torch.ones(2)}, tmp_path / "last.pt")
+    thread = next(t for t in threading.enumerate() if t is writer._thread)
+    writer.close()
+    assert not thread.is_alive()
+    assert ckpt.load(tmp_path / "last.pt")["x"].sum() == 2
+
+
+def test_an_unsupported_value_is_named(tmp_path):
+    with pytest.raises(TypeError, match="complex64"):
+        ckpt.save_atomic({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "last.pt")
+    with pytest.raises(TypeError, match="set"):
+        ckpt.save_atomic({"s": {1, 2}}, tmp_path / "last.pt")
