@@ -29,7 +29,6 @@ import random
 import shutil
 import threading
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,58 +101,21 @@ def _unpack(node: Any, tensors: dict[int, torch.Tensor]) -> Any:
     return node
 
 
-@dataclass
-class Packed:
-    """A snapshot of a state that later training steps cannot change: the skeleton, where each
-    tensor lies in ``data``, and ``data``, every tensor's bytes copied into one uint8 buffer."""
+class _Layout:
+    """Where each tensor of a state goes in the file: widest element first, so every tensor
+    starts at a multiple of its own element size; cached while dtypes and shapes repeat."""
 
-    skeleton: Any
-    layout_json: str  # the header entries of the tensors, as JSON object members
-    data: torch.Tensor
-
-
-class Packer:
-    """Copies states into one buffer that is reused while the tensors keep their dtypes and
-    shapes (every save of a run), so a save is one batched copy with no allocation.
-
-    The buffer of the previous ``pack`` is overwritten: pack again only once that one is on
-    disk. ``pack()`` (the function) uses a fresh buffer each time.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._data = torch.zeros(0, dtype=torch.uint8)
-        self._views: list[torch.Tensor] = []
-        self._layout_json = ""
-
-    def pack(self, state: dict[str, Any]) -> Packed:
-        tensors: list[torch.Tensor] = []
-        skeleton = _pack(state, tensors)
-        key = tuple((t.dtype, tuple(t.shape)) for t in tensors)
-        if key != self._key:
-            self._lay_out(tensors)
-            self._key = key
-        if tensors and all(t.device.type == "cpu" for t in tensors):
-            torch._foreach_copy_(self._views, tensors)
-        else:
-            for view, t in zip(self._views, tensors, strict=True):
-                view.copy_(t)  # device-to-host copies; .copy_ waits for them
-        return Packed(skeleton, self._layout_json, self._data)
-
-    def _lay_out(self, tensors: list[torch.Tensor]) -> None:
-        # Widest element first: every tensor then starts at a multiple of its own element size.
-        order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.key = _layout_key(tensors)
+        self.order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
         spans, offset = {}, 0
-        for i in order:
+        for i in self.order:
             nbytes = tensors[i].numel() * tensors[i].element_size()
             spans[i] = (offset, offset + nbytes)
             offset += nbytes
-        self._data = torch.empty(offset, dtype=torch.uint8)
-        self._views = [
-            self._data[spans[i][0] : spans[i][1]].view(t.dtype).view(t.shape)
-            for i, t in enumerate(tensors)
-        ]
-        layout = {
+        self.nbytes = offset
+        self.spans = spans
+        entries = {
             str(i): {
                 "dtype": _DTYPE_CODES[t.dtype],
                 "shape": list(t.shape),
@@ -161,19 +123,70 @@ class Packer:
             }
             for i, t in enumerate(tensors)
         }
-        self._layout_json = json.dumps(layout)[1:-1]
+        self.json_members = json.dumps(entries)[1:-1]  # spliced into the header object
 
 
-def pack(state: dict[str, Any]) -> Packed:
-    """Copy ``state`` into a new buffer: the snapshot a later write serializes."""
-    return Packer().pack(state)
+def _layout_key(tensors: list[torch.Tensor]) -> tuple:
+    return tuple((t.dtype, tuple(t.shape)) for t in tensors)
 
 
-def _header(packed: Packed, crc: int) -> bytes:
-    metadata = {"format": FORMAT, "skeleton": json.dumps(packed.skeleton), "crc32": str(crc)}
-    members = [f'"__metadata__": {json.dumps(metadata)}'] + [packed.layout_json] * bool(
-        packed.layout_json
-    )
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor without a copy (a contiguous copy only for a strided view)."""
+    # Attribute checks before ops: a few dozen tensors per save, each op costs microseconds.
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: same bytes as int16
+        t = t.view(torch.int16)
+    return memoryview(t.numpy().reshape(-1)).cast("B")
+
+
+class Serializer:
+    """Turns a state into the buffers of a checkpoint file.
+
+    CPU tensors are handed to ``write`` as they are (the bytes reach the page cache before
+    ``write`` returns, so the training step after cannot change them); tensors on another device
+    are first copied into one host buffer, reused from save to save.
+    """
+
+    def __init__(self) -> None:
+        self._layout: _Layout | None = None
+        self._staging: torch.Tensor | None = None
+        self._staging_views: list[torch.Tensor] = []
+
+    def buffers(self, state: dict[str, Any]) -> tuple[bytes, list[memoryview]]:
+        """(header with its length prefix, data buffers in file order)."""
+        tensors: list[torch.Tensor] = []
+        skeleton = _pack(state, tensors)
+        if self._layout is None or self._layout.key != _layout_key(tensors):
+            self._layout, self._staging = _Layout(tensors), None
+        layout = self._layout
+        if all(t.device.type == "cpu" for t in tensors):
+            data = [_host_bytes(tensors[i]) for i in layout.order]
+        else:
+            data = [self._staged(tensors)]
+        crc = 0
+        for chunk in data:
+            crc = zlib.crc32(chunk, crc)
+        return _header(skeleton, layout.json_members, crc), data
+
+    def _staged(self, tensors: list[torch.Tensor]) -> memoryview:
+        layout = self._layout
+        if self._staging is None:
+            self._staging = torch.empty(layout.nbytes, dtype=torch.uint8)
+            self._staging_views = [
+                self._staging[layout.spans[i][0] : layout.spans[i][1]].view(t.dtype).view(t.shape)
+                for i, t in enumerate(tensors)
+            ]
+        for view, t in zip(self._staging_views, tensors, strict=True):
+            view.copy_(t)  # device-to-host; waits for the device
+        return memoryview(self._staging.numpy())
+
+
+def _header(skeleton: Any, layout_members: str, crc: int) -> bytes:
+    metadata = {"format": FORMAT, "skeleton": json.dumps(skeleton), "crc32": str(crc)}
+    members = [f'"__metadata__": {json.dumps(metadata)}'] + [layout_members] * bool(layout_members)
     text = ("{" + ", ".join(members) + "}").encode()
     text += b" " * (-(8 + len(text)) % 8)  # the data then starts 8-byte aligned
     return len(text).to_bytes(8, "little") + text
@@ -212,45 +225,91 @@ def _read(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_atomic(state: dict[str, Any] | Packed, path: Path, best: Path | None = None) -> None:
-    """Write ``state`` (or its ``pack``) to ``path`` so that ``path`` is always either the old
-    or the new file; with ``best``, make that the same file. One folder fsync covers both."""
+_IOV_MAX = 1024  # buffers per writev call (the POSIX minimum of IOV_MAX)
+
+
+def _write_all(fd: int, buffers: list) -> None:
+    """Write every buffer, in order, whatever the kernel accepts per call."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        n = os.writev(fd, pending[:_IOV_MAX])
+        while pending and n >= len(pending[0]):
+            n -= len(pending[0])
+            pending.pop(0)
+        if n:
+            pending[0] = pending[0][n:]
+
+
+def _disk_error(err: OSError, path: Path) -> CheckpointError:
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EACCES: "the folder is not writable",
+        errno.EPERM: "the folder is not writable",
+        errno.EFBIG: "the file exceeds the size limit of this process or filesystem",
+        errno.EROFS: "the filesystem is read-only",
+        errno.EDQUOT: "the disk quota is exceeded",
+    }.get(err.errno, str(err))
+    kept = f"; the previous {path.name} is intact" if path.exists() else ""
+    return CheckpointError(
+        f"could not write checkpoint {path}: {reason}{kept}. Free space or make the run "
+        f"folder writable (or move it with hydra.run.dir=...), then resume with "
+        f"trainer.resume=auto."
+    )
+
+
+def write_temporary(
+    state: dict[str, Any], path: Path, serializer: Serializer | None = None
+) -> tuple[int, Path]:
+    """First half of a save: the whole file written to a temporary next to ``path``.
+
+    Returns the open descriptor and the temporary's path for ``commit``. Nothing is replaced
+    yet, so ``path`` still holds the previous checkpoint.
+    """
     path = Path(path)
-    packed = state if isinstance(state, Packed) else pack(state)
+    header, data = (serializer or Serializer()).buffers(state)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    fd = -1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = memoryview(packed.data.numpy())
-        half = len(data) // 2
-        with open(tmp, "wb") as f:
-            f.write(_header(packed, zlib.crc32(data)))
-            f.write(data[:half])
-            if faults.KILL_DURING_SAVE:
-                f.flush()
-                faults.during_save()
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        if faults.KILL_DURING_SAVE:  # the test hook: killed with half the file written
+            whole = memoryview(b"".join([header, *data]))
+            _write_all(fd, [whole[: len(whole) // 2]])
+            faults.during_save()
+            _write_all(fd, [whole[len(whole) // 2 :]])
+        else:
+            _write_all(fd, [header, *data])
+    except OSError as err:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(err, path) from err
+    return fd, tmp
+
+
+def commit(fd: int, tmp: Path, path: Path, best: Path | None = None) -> None:
+    """Second half of a save: fsync the temporary, rename it over ``path``, point ``best`` at
+    it too if given, and fsync the folder once for both renames. The part that waits on the
+    disk, and the only part the background writer runs."""
+    path = Path(path)
+    try:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         if best is not None:
             link_best(path, best)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        reason = {
-            errno.ENOSPC: "the disk is full",
-            errno.EACCES: "the folder is not writable",
-            errno.EPERM: "the folder is not writable",
-            errno.EFBIG: "the file exceeds the size limit of this process or filesystem",
-            errno.EROFS: "the filesystem is read-only",
-            errno.EDQUOT: "the disk quota is exceeded",
-        }.get(err.errno, str(err))
-        kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {reason}{kept}. Free space or make the run "
-            f"folder writable (or move it with hydra.run.dir=...), then resume with "
-            f"trainer.resume=auto."
-        ) from err
+        raise _disk_error(err, path) from err
     _fsync_dir(path.parent)
+
+
+def save_atomic(state: dict[str, Any], path: Path, best: Path | None = None) -> None:
+    """Write ``state`` to ``path`` so that ``path`` is always either the old or the new file;
+    with ``best``, make that the same file."""
+    commit(*write_temporary(state, path), path, best)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -298,13 +357,13 @@ FORMAT = "engine-checkpoint-v3"
 
 
 class AsyncCheckpointer:
-    """Writes checkpoints on a background thread, so training does not wait on the disk.
+    """Saves checkpoints without making training wait on the disk.
 
-    ``save`` copies the state into a reused buffer in the calling thread (that copy is the
-    snapshot, so later steps cannot leak into it) and hands the file I/O, fsync and rename to one
-    writer thread. At most one write is in flight: the next ``save`` or ``wait`` waits for it and
-    re-raises its error. Each write is the same atomic protocol as ``save_atomic``, so a kill
-    during a background write still leaves the previous file whole. ``close`` ends the thread.
+    ``save`` writes the whole file to a temporary on the calling thread: it goes to the page
+    cache, so the steps after cannot leak into it, and a full disk is reported at once. The
+    part that waits on the disk (fsync, rename, the folder fsync) runs on one writer thread. At
+    most one save is in flight: the next ``save`` or ``wait`` waits for it and re-raises its
+    error. A kill at any moment leaves the previous file whole. ``close`` ends the thread.
     """
 
     def __init__(self) -> None:
@@ -313,37 +372,36 @@ class AsyncCheckpointer:
         self._idle.set()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._packer = Packer()
+        self._serializer = Serializer()
 
     def save(self, state: dict[str, Any], path: Path, best: Path | None = None) -> None:
-        self.wait()  # the buffer is free again
-        contents = self._packer.pack(state)
+        self.wait()
+        fd, tmp = write_temporary(state, path, self._serializer)
         if self._thread is None:
-            # A daemon: a process that dies mid-write leaves a temporary file, never a torn one.
+            # A daemon: a process that dies mid-commit leaves a temporary file, never a torn one.
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
             self._thread.start()
         self._idle.clear()
-        self._jobs.put((contents, path, best))
+        self._jobs.put((fd, tmp, path, best))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            contents, path, best = job
             try:
-                save_atomic(contents, path, best)
+                commit(*job)
             except BaseException as err:  # handed to the training thread by wait()
                 self._error = err
             finally:
                 self._idle.set()
 
     def wait(self) -> None:
-        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
+        """Block until the save in flight (if any) is on disk; raise its error if it failed."""
         self._idle.wait()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def close(self) -> None:
-        """Wait for the write in flight, then stop the writer thread (a later save restarts it)."""
+        """Wait for the save in flight, then stop the writer thread (a later save restarts it)."""
         try:
             self.wait()
         finally:
@@ -364,7 +422,7 @@ def rng_state() -> dict[str, Any]:
         # 625 words as one tensor: pickled as a tuple they cost 625 persistent-id calls per save.
         "python": {
             "version": version,
-            "words": torch.tensor(words, dtype=torch.int64),
+            "words": torch.from_numpy(np.array(words, dtype=np.int64)),
             "gauss": gauss,
         },
         "numpy": {
