@@ -226,7 +226,8 @@ class Trainer:
         """One pass over the training batches, from where an interrupted epoch stopped."""
         s = self.state
         model, loader = self.model, self.train_loader
-        model.train()
+        if not model.training:  # evaluate() hands it back in training mode
+            model.train()
         accumulate = self.cfg.accumulate_grad_batches
         n_batches = len(loader)
         first = s.batch_in_epoch
@@ -329,7 +330,8 @@ class Trainer:
             self.eval_metrics = self.make_metrics()
         metrics = self.eval_metrics
         metrics.reset()
-        loss_sum = torch.zeros(2, device=self.device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        rows = 0
         eval_loss = self.objective.logits_loss
         regression = self.info.task == "regression"
         with self._autocast():
@@ -341,15 +343,19 @@ class Trainer:
                     )
                 for out, target in self._eval_outputs(model, x, y):
                     out = out.float() if regression else out
-                    loss_sum[0] += eval_loss(out, target).double() * target.numel()
-                    loss_sum[1] += target.numel()
+                    loss_sum.add_(eval_loss(out, target), alpha=target.numel())
+                    rows += target.numel()
                     if regression:  # metrics in the target's own units
                         mean, std = self.info.target_mean, self.info.target_std
                         metrics.update(out * std + mean, target * std + mean)
                     else:
                         metrics.update(out.reshape(-1, out.shape[-1]), target.reshape(-1))
-        dist.all_reduce_sum(loss_sum)
-        results = {f"{prefix}/loss": float(loss_sum[0] / loss_sum[1].clamp(min=1))}
+        if dist.is_initialized():  # sum and row count of every rank
+            total = dist.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(rows)]))
+            loss_value, rows = total.tolist()
+        else:
+            loss_value = loss_sum.item()
+        results = {f"{prefix}/loss": loss_value / max(rows, 1)}
         results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
         if self.info.task == "lm":
             results[f"{prefix}/perplexity"] = math.exp(min(results[f"{prefix}/loss"], 50.0))
