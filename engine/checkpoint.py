@@ -4,8 +4,10 @@ A checkpoint is written to a temporary file in the same folder, flushed and fsyn
 the old one (an atomic replace on POSIX), and the folder is fsynced so the rename itself survives a
 crash. Until the rename, the previous checkpoint is untouched: a kill at any moment leaves a
 loadable ``last.pt``. ``best.pt`` is a hard link to the ``last.pt`` file it was at the time (one
-write instead of two); replacing ``last.pt`` later makes a new file and leaves the link's inode
-alone.
+write instead of two); replacing ``last.pt`` later never writes into the file it links. A small
+checkpoint (up to ``REUSE_MAX_BYTES``) keeps the file it replaces as ``.last.pt.spare``, and the
+next save overwrites that spare in place before renaming it: no new blocks to allocate and no old
+ones to free, which on a small model costs more than the bytes themselves.
 
 File layout (the safetensors layout: nothing in it is executable, unlike a pickle)::
 
@@ -21,6 +23,7 @@ name. The CRC-32 of the data catches a torn or bit-flipped file at load. Read it
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -257,21 +260,47 @@ def _disk_error(err: OSError, path: Path) -> CheckpointError:
     )
 
 
+# A checkpoint up to this size keeps the file it replaces as a spare, which the next save
+# overwrites in place: allocating a new file's blocks and freeing the old one's costs a small
+# model's save more than writing its bytes. Bigger ones are written fresh (no second copy).
+REUSE_MAX_BYTES = 64 * 2**20
+
+
+def spare_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.spare")
+
+
+def _open_target(path: Path, size: int) -> tuple[int, Path]:
+    """The file the next checkpoint is written into, never one a checkpoint name points at:
+    the spare if no other name links it (``best.pt`` may), else a new temporary."""
+    if size <= REUSE_MAX_BYTES:
+        try:
+            fd = os.open(spare_path(path), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0:
+            if os.fstat(fd).st_nlink == 1:
+                return fd, spare_path(path)
+            os.close(fd)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644), tmp
+
+
 def write_temporary(
     state: dict[str, Any], path: Path, serializer: Serializer | None = None
 ) -> tuple[int, Path]:
-    """First half of a save: the whole file written to a temporary next to ``path``.
+    """First half of a save: the whole file written next to ``path``, not yet in its place.
 
-    Returns the open descriptor and the temporary's path for ``commit``. Nothing is replaced
+    Returns the open descriptor and the written file's path for ``commit``. Nothing is replaced
     yet, so ``path`` still holds the previous checkpoint.
     """
     path = Path(path)
     header, data = (serializer or Serializer()).buffers(state)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = -1
+    size = len(header) + sum(len(b) for b in data)
+    fd, written = -1, path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd, written = _open_target(path, size)
         if faults.KILL_DURING_SAVE:  # the test hook: killed with half the file written
             whole = memoryview(b"".join([header, *data]))
             _write_all(fd, [whole[: len(whole) // 2]])
@@ -279,29 +308,43 @@ def write_temporary(
             _write_all(fd, [whole[len(whole) // 2 :]])
         else:
             _write_all(fd, [header, *data])
+        os.ftruncate(fd, size)  # a reused spare may have been longer
     except OSError as err:
         if fd >= 0:
             os.close(fd)
-        tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                written.unlink(missing_ok=True)
         raise _disk_error(err, path) from err
-    return fd, tmp
+    return fd, written
 
 
-def commit(fd: int, tmp: Path, path: Path, best: Path | None = None) -> None:
-    """Second half of a save: fsync the temporary, rename it over ``path``, point ``best`` at
-    it too if given, and fsync the folder once for both renames. The part that waits on the
-    disk, and the only part the background writer runs."""
+def commit(fd: int, written: Path, path: Path, best: Path | None = None) -> None:
+    """Second half of a save: fsync the written file, rename it over ``path`` (a small
+    checkpoint's replaced file stays as the next spare), point ``best`` at it too if given, and
+    fsync the folder once for all the renames. It waits on the disk: the background writer
+    runs it."""
     path = Path(path)
     try:
         try:
             os.fsync(fd)
+            keep = os.fstat(fd).st_size <= REUSE_MAX_BYTES and path.exists()
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if keep:
+            # The old file gets a second name before the rename, so last.pt is whole throughout.
+            held = path.with_name(f".{path.name}.spare.next")
+            held.unlink(missing_ok=True)
+            os.link(path, held)
+            os.replace(written, path)
+            os.replace(held, spare_path(path))
+        else:
+            os.replace(written, path)
         if best is not None:
             link_best(path, best)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # an unwritable folder refuses this too
+            if not (path.exists() and os.path.samefile(written, path)):
+                written.unlink(missing_ok=True)
         raise _disk_error(err, path) from err
     _fsync_dir(path.parent)
 

@@ -142,3 +142,55 @@ def test_an_unsupported_value_is_named(tmp_path):
         ckpt.save_atomic({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "last.pt")
     with pytest.raises(TypeError, match="set"):
         ckpt.save_atomic({"s": {1, 2}}, tmp_path / "last.pt")
+
+
+def test_tensors_off_the_cpu_are_staged_into_the_same_bytes():
+    # The staging path serves GPU tensors; its bytes must equal the direct CPU path's.
+    state = sample_state()
+    tensors: list[torch.Tensor] = []
+    ckpt._pack(state, tensors)
+    direct = ckpt.Serializer()
+    header, data = direct.buffers(state)
+    staged = ckpt.Serializer()
+    staged._layout = ckpt._Layout(tensors)
+    assert bytes(staged._staged(tensors)) == b"".join(bytes(chunk) for chunk in data)
+
+
+@pytest.mark.gpu
+def test_a_state_on_the_gpu_round_trips(tmp_path):
+    state = {"format": ckpt.FORMAT, "w": torch.randn(4, 3, device="cuda"), "n": torch.tensor(3)}
+    expected = state["w"].cpu()
+    writer = ckpt.AsyncCheckpointer()
+    writer.save(state, tmp_path / "last.pt")
+    state["w"].add_(1.0)  # after the save: must not reach the file
+    writer.close()
+    loaded = ckpt.load(tmp_path / "last.pt")
+    assert torch.equal(loaded["w"], expected) and loaded["n"].item() == 3
+
+
+def test_a_small_checkpoint_keeps_the_file_it_replaces_and_the_next_save_reuses_it(tmp_path):
+    last = tmp_path / "last.pt"
+    for epoch in (1, 2):
+        ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": epoch, "w": torch.ones(64)}, last)
+    spare = ckpt.spare_path(last)
+    assert ckpt.load(spare)["epoch"] == 1  # the replaced file, kept whole
+    reused = spare.stat().st_ino
+    ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": 3, "w": torch.ones(64)}, last)
+    assert last.stat().st_ino == reused and ckpt.load(last)["epoch"] == 3
+    assert ckpt.load(spare)["epoch"] == 2
+
+
+def test_a_save_never_overwrites_the_file_best_points_at(tmp_path):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": 1}, last, best)
+    for epoch in (2, 3, 4):  # the file best.pt links becomes the spare; it must stay intact
+        ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": epoch}, last)
+    assert ckpt.load(best)["epoch"] == 1 and ckpt.load(last)["epoch"] == 4
+
+
+def test_a_checkpoint_over_the_reuse_limit_keeps_no_spare(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "REUSE_MAX_BYTES", 16)
+    last = tmp_path / "last.pt"
+    for epoch in (1, 2, 3):
+        ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": epoch, "w": torch.ones(64)}, last)
+    assert not ckpt.spare_path(last).exists() and ckpt.load(last)["epoch"] == 3
