@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, as one device call (~10 minutes on one H200):
-#   1. the gpu-marked tests (compiled Triton kernels, no-host-sync checks, N*V >= 2^31),
+#   1. the gpu-marked tests (compiled Triton kernels, no-host-sync checks, N*V >= 2^31,
+#      a checkpoint of GPU tensors),
 #   2. the loss kernel tables (benchmarks/kernels_loss.py --quick),
 #   3. the metric kernel tables (benchmarks/kernels_metrics.py --device cuda).
 # The GPU image lacks optuna/hydra/omegaconf: carry their wheels (see ../shared/wheels-gpu) and
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH=.:${PYTHONPATH:-}
 timeout 200 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernel_cross_entropy.py \
   tests/test_kernel_linear_cross_entropy.py tests/test_kernel_classification.py \
-  tests/test_kernel_regression.py tests/test_metrics.py > "$OUT/gpu_tests.txt" 2>&1
+  tests/test_kernel_regression.py tests/test_metrics.py tests/test_checkpoint.py > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/gpu_tests.txt"
 timeout 200 python3 benchmarks/kernels_loss.py --quick --out "$OUT/loss_tables.md" > /dev/null 2> "$OUT/loss_progress.txt"
 echo "loss benchmark exit $?" >> "$OUT/loss_progress.txt"

@@ -330,15 +330,17 @@ def commit(fd: int, written: Path, path: Path, best: Path | None = None) -> None
             keep = os.fstat(fd).st_size <= REUSE_MAX_BYTES and path.exists()
         finally:
             os.close(fd)
+        held = path.with_name(f".{path.name}.spare.next")
         if keep:
             # The old file gets a second name before the rename, so last.pt is whole throughout.
-            held = path.with_name(f".{path.name}.spare.next")
             held.unlink(missing_ok=True)
-            os.link(path, held)
-            os.replace(written, path)
+            try:
+                os.link(path, held)
+            except OSError:  # a filesystem without hard links: no spare, a new file each save
+                keep = False
+        os.replace(written, path)
+        if keep:
             os.replace(held, spare_path(path))
-        else:
-            os.replace(written, path)
         if best is not None:
             link_best(path, best)
     except OSError as err:

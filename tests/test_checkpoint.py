@@ -194,3 +194,16 @@ def test_a_checkpoint_over_the_reuse_limit_keeps_no_spare(tmp_path, monkeypatch)
     for epoch in (1, 2, 3):
         ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": epoch, "w": torch.ones(64)}, last)
     assert not ckpt.spare_path(last).exists() and ckpt.load(last)["epoch"] == 3
+
+
+def test_without_hard_links_saves_still_succeed(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(ckpt.os, "link", refuse)  # as on filesystems without hard links
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    for epoch in (1, 2, 3):
+        ckpt.save_atomic(
+            {"format": ckpt.FORMAT, "epoch": epoch}, last, best if epoch == 2 else None
+        )
+    assert ckpt.load(last)["epoch"] == 3 and ckpt.load(best)["epoch"] == 2  # best was copied
