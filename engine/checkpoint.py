@@ -404,8 +404,9 @@ FORMAT = "engine-checkpoint-v3"
 class AsyncCheckpointer:
     """Saves checkpoints without making training wait on the disk.
 
-    ``save`` writes the whole file to a temporary on the calling thread: it goes to the page
-    cache, so the steps after cannot leak into it, and a full disk is reported at once. The
+    ``save`` writes the whole file (to a new temporary or the spare, see ``write_temporary``) on
+    the calling thread: it goes to the page cache, so the steps after cannot leak into it, and a
+    full disk is reported at once. The
     part that waits on the disk (fsync, rename, the folder fsync) runs on one writer thread. At
     most one save is in flight: the next ``save`` or ``wait`` waits for it and re-raises its
     error. A kill at any moment leaves the previous file whole. ``close`` ends the thread.
