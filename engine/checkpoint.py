@@ -199,7 +199,10 @@ def _read(path: Path) -> dict[str, Any]:
     """Parse a checkpoint file; any inconsistency raises ValueError."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        n = int.from_bytes(f.read(8), "little")
+        start = f.read(8)
+        if start.startswith(b"PK\x03\x04"):  # a torch.save zip: this engine's format before v3
+            return {"format": "a torch.save file (engine-checkpoint-v2 or older)"}
+        n = int.from_bytes(start, "little")
         if size < 8 or n > size - 8:
             raise ValueError("the header length exceeds the file")
         header = json.loads(f.read(n))

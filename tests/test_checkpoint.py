@@ -207,3 +207,10 @@ def test_without_hard_links_saves_still_succeed(tmp_path, monkeypatch):
             {"format": ckpt.FORMAT, "epoch": epoch}, last, best if epoch == 2 else None
         )
     assert ckpt.load(last)["epoch"] == 3 and ckpt.load(best)["epoch"] == 2  # best was copied
+
+
+def test_a_torch_save_file_from_an_older_version_is_named_as_such(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {"w": torch.ones(2)}}, path)
+    with pytest.raises(ckpt.CheckpointError, match="another version of this engine.*torch.save"):
+        ckpt.load(path)
