@@ -70,11 +70,6 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` with 0/0 (and x/0) := 0, like torchmetrics' ``_safe_divide``."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, 1), torch.zeros_like(num))
-
-
 class ClassificationMetrics:
     """Accuracy, macro precision/recall/F1, top-k accuracy and ECE in one streaming pass."""
 
@@ -160,7 +155,8 @@ class ClassificationMetrics:
         scored = self._snapshot[1] if self._snapshot is not None else self._updates[1] == 0
         if not scored:
             return float("nan")
-        return float(_safe_div(st.rank_hist()[:k].sum().double(), st.n_valid().double()))
+        hits, rows = torch.stack([st.rank_hist()[:k].sum(), st.n_valid()]).tolist()
+        return float(_safe_div(hits, rows))
 
     def _reduced(self) -> tuple[ClassificationStats, bool]:
         """All ranks' state summed (a copy) and whether every batch came with logits."""
@@ -210,14 +206,15 @@ class ClassificationMetrics:
         }
 
 
-def _np_safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """Host-side ``_safe_div``: ``num / den`` with x/0 := 0."""
+def _safe_div(num, den) -> np.ndarray:
+    """``num / den`` (host numbers or arrays) with 0/0 (and x/0) := 0, like torchmetrics'
+    ``_safe_divide``."""
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den != 0)
 
 
 def _macro(score: np.ndarray, present: np.ndarray) -> float:
-    return float(_np_safe_div(score[present].sum(), present.sum()))
+    return float(_safe_div(score[present].sum(), present.sum()))
 
 
 def _classification_values(st: ClassificationStats, scored: bool) -> dict[str, float]:
@@ -227,30 +224,31 @@ def _classification_values(st: ClassificationStats, scored: bool) -> dict[str, f
     counts below 2**53) and read to the host in a single transfer; the formulas then run in
     NumPy, where each costs about a microsecond instead of a device op.
     """
-    tp, fp, fn = st.per_class()
-    c, k, b = st.num_classes, st.top_k, st.ece_bins
-    # rank_hist, ece_count, ece_correct and n_invalid lie next to each other in ``counts``.
-    tail = st.counts[st.off_topk : st.n_counts]
-    parts = [tp, fp, fn, st.n_valid().reshape(1), tail, st.ece_conf_sum()]
+    parts = [
+        *st.per_class(),
+        st.n_valid().reshape(1),
+        st.rank_hist(),
+        st.ece_count(),
+        st.ece_correct(),
+        st.n_invalid().reshape(1),
+        st.ece_conf_sum(),
+    ]
     host = torch.cat(parts).double().cpu().numpy()  # cat promotes the int64 counts
-    tp, fp, fn = host[:c], host[c : 2 * c], host[2 * c : 3 * c]
-    n = host[3 * c]
-    rank_hist = host[3 * c + 1 : 3 * c + 1 + k]
-    count = host[3 * c + 1 + k : 3 * c + 2 + k + b]
-    correct = host[3 * c + 2 + k + b : 3 * c + 3 + k + 2 * b]
-    n_invalid = host[3 * c + 3 + k + 2 * b]
-    conf_sum = host[3 * c + 4 + k + 2 * b :]
+    sizes = [part.numel() for part in parts]
+    tp, fp, fn, (n,), rank_hist, count, correct, (n_invalid,), conf_sum = np.split(
+        host, np.cumsum(sizes[:-1])
+    )
     present = (tp + fp + fn) > 0
-    acc_bin = _np_safe_div(correct, count)
-    conf_bin = _np_safe_div(conf_sum, count)
+    acc_bin = _safe_div(correct, count)
+    conf_bin = _safe_div(conf_sum, count)
     with np.errstate(invalid="ignore", divide="ignore"):  # no rows: nan, as torchmetrics
         ece = float((np.abs(acc_bin - conf_bin) * count / count.sum()).sum())
     return {
-        "acc": float(_np_safe_div(tp.sum(), n)),
-        "precision": _macro(_np_safe_div(tp, tp + fp), present),
-        "recall": _macro(_np_safe_div(tp, tp + fn), present),
-        "f1": _macro(_np_safe_div(2 * tp, 2 * tp + fp + fn), present),
-        "topk": float(_np_safe_div(rank_hist.sum(), n)),
+        "acc": float(_safe_div(tp.sum(), n)),
+        "precision": _macro(_safe_div(tp, tp + fp), present),
+        "recall": _macro(_safe_div(tp, tp + fn), present),
+        "f1": _macro(_safe_div(2 * tp, 2 * tp + fp + fn), present),
+        "topk": float(_safe_div(rank_hist.sum(), n)),
         "ece": ece,
         "n_invalid": float(n_invalid),
     }

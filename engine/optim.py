@@ -34,9 +34,13 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name='{cfg.name}' is unknown; choose adamw, adam or sgd.")
 
 
+def warmup_steps(cfg: Any, total_steps: int) -> int:
+    return cfg.warmup_steps or int(cfg.warmup_fraction * total_steps)
+
+
 def lr_factor(cfg: Any, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Multiplier of the peak lr after ``step`` optimizer steps out of ``total_steps``."""
-    warmup = cfg.warmup_steps or int(cfg.warmup_fraction * total_steps)
+    warmup = warmup_steps(cfg, total_steps)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.name == "cosine":
@@ -65,8 +69,7 @@ class LRSchedule:
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
-        warmup = cfg.warmup_steps or int(cfg.warmup_fraction * total_steps)
-        self.constant = cfg.name == "none" and warmup == 0
+        self.constant = cfg.name == "none" and warmup_steps(cfg, total_steps) == 0
         self.step_count = 0
         self._apply()
 
