@@ -359,7 +359,6 @@ def validate(cfg: Any) -> None:
         _check(
             bool(d.path), "data.path", d.path, "data=csv needs data.path=<file.csv|file.parquet>"
         )
-        _check(bool(d.target), "data.target", d.target, "data=csv needs data.target=<column name>")
     if d.name == "synthetic":
         _check(d.n_samples >= 10, "data.n_samples", d.n_samples, "use at least 10 rows")
         _check(d.n_features > 0, "data.n_features", d.n_features, "it must be positive")

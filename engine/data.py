@@ -168,6 +168,11 @@ def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
         raise DataError(f"data.path: {path} has a header but no data rows.")
     columns = [str(c) for c in frame.columns]
     frame.columns = columns
+    if not cfg.target:  # checked here, after the file: a missing file is the first thing to say
+        raise DataError(
+            f"data=csv needs data.target=<column name>; the columns of {path} are: "
+            f"{', '.join(columns)}."
+        )
     if cfg.target not in columns:
         raise DataError(
             f"data.target='{cfg.target}' is not a column of {path}. Its columns are: "

@@ -51,6 +51,24 @@ def test_a_missing_file_names_the_path(cli, tmp_path):
     assert f"file not found: {tmp_path / 'missing.csv'}" in result.stdout
 
 
+def test_a_missing_file_is_named_before_the_missing_target(cli, tmp_path):
+    result = cli(
+        "data=csv", "data.path=missing.csv", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert f"file not found: {tmp_path / 'missing.csv'}" in result.stdout
+
+
+def test_no_target_is_asked_for_with_the_file_columns(cli, tmp_path):
+    (tmp_path / "table.csv").write_text("a,b,label\n1,2,x\n3,4,y\n")
+    result = cli(
+        "data=csv", "data.path=table.csv", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "data=csv needs data.target=<column name>" in result.stdout
+    assert "a, b, label" in result.stdout
+
+
 def test_a_zero_byte_file_is_called_empty(cli, tmp_path):
     (tmp_path / "zero.csv").write_text("")
     result = cli(
