@@ -74,6 +74,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Leave the process group; with ``wait_for_peers``, only once every rank is leaving too.
+
+    Why the barrier: a gloo worker thread drops its last reference to a finished collective (and
+    to the Python tensors in it) a moment after ``wait`` returns, and needs the GIL to do so. A
+    rank that reaches interpreter shutdown first has that thread killed inside the destructor,
+    and the process aborts ("terminate called without an active exception"). A barrier's wait
+    releases the GIL until every rank arrives, so those references are gone by then; the barrier
+    itself holds earlier work only weakly, and no Python tensors. After an error the other ranks
+    may never arrive, so the caller passes ``wait_for_peers=False``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_peers and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()

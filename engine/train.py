@@ -266,6 +266,9 @@ def finish_job(job: Job) -> dict[str, float]:
         )
         if trainer.stop_reason:
             log.info(trainer.stop_reason)
+        # Rank 0 writes best.pt; the other ranks read it only once rank 0's fit has put it on disk,
+        # or they would test a stale (or no) best model beside rank 0's.
+        dist.barrier()
         best = job.run_dir / "checkpoints" / "best.pt"
         if best.exists() and t.save_checkpoints:
             job.model.load_state_dict(ckpt.load(best)["model"])
@@ -338,7 +341,7 @@ def main(cfg: DictConfig) -> float | None:
     except USER_ERRORS as err:
         log.debug("traceback", exc_info=True)  # kept in train.log for bug reports
         log.error("error: %s", err)
-        dist.shutdown()
+        dist.shutdown(wait_for_peers=False)
         sys.exit(2)
     dist.shutdown()
     metric = (cfg.search or {}).get("metric") if cfg.search else None

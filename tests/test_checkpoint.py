@@ -60,6 +60,30 @@ def test_load_gives_back_every_value_and_dtype(tmp_path):
     assert loaded["optimizer"]["state"][0]["step"].item() == 7.0  # int keys stay ints
 
 
+def tensors_in(value):
+    """Every tensor in a nested state, in no particular order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in tensors_in(item)]
+    return []
+
+
+def as_comparable(tensors):
+    raw = [t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors]
+    return sorted((str(t.dtype), tuple(t.shape), b) for t, b in zip(tensors, raw, strict=True))
+
+
+def test_the_safetensors_library_reads_every_tensor_of_a_checkpoint(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = sample_state()
+    ckpt.save_atomic(state, tmp_path / "last.pt")
+    from_safetensors = safetensors_torch.load_file(str(tmp_path / "last.pt"))
+    assert as_comparable(list(from_safetensors.values())) == as_comparable(tensors_in(state))
+
+
 def test_restored_rng_state_replays_the_same_numbers(tmp_path):
     torch.manual_seed(5)
     ckpt.save_atomic({"format": ckpt.FORMAT, "rng": ckpt.rng_state()}, tmp_path / "last.pt")

@@ -30,6 +30,24 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     )
 
 
+def best_model_test_accuracy(run_dir: Path) -> float:
+    """Accuracy of ``best.pt``'s weights on the run's test split, in this one process."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from engine.data import build_dataset
+    from engine.models import build_model
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    dataset = build_dataset(cfg.data)
+    model = build_model(cfg.model, dataset.info)
+    model.load_state_dict(ckpt.load(run_dir / "checkpoints" / "best.pt")["model"])
+    model.eval()
+    with torch.no_grad():
+        predicted = model(dataset.test.x).argmax(dim=1)
+    return (predicted == dataset.test.y).float().mean().item()
+
+
 @pytest.mark.slow
 def test_two_process_ddp_trains_into_one_run_dir_and_refuses_a_resume_at_another_world_size(
     tmp_path,
@@ -44,6 +62,8 @@ def test_two_process_ddp_trains_into_one_run_dir_and_refuses_a_resume_at_another
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.8
     assert ckpt.load(run_dir / "checkpoints" / "last.pt")["world_size"] == 2
+    # Every rank tested best.pt's weights: the sharded test accuracy is that model's accuracy.
+    assert metrics["test/acc"] == pytest.approx(best_model_test_accuracy(run_dir), abs=1e-6)
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
 
     from conftest import run_cli
