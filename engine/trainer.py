@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,7 @@ class Trainer:
         self.is_main = rank == 0
         self.epoch_callback = epoch_callback
         self.config_fingerprint = config_fingerprint or {}
+        self._config_json = json.dumps(self.config_fingerprint)  # the same in every checkpoint
         self.state = FitState()
         self.monitor, self.monitor_mode = resolve_monitor(cfg.monitor, cfg.monitor_mode, info)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
@@ -386,9 +387,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt.rng_state(),
-            "fit": _packed(asdict(self.state)),
+            # _packed builds a new dict and JSON-encodes the metric dicts: a snapshot, no deepcopy.
+            "fit": _packed(vars(self.state)),
             "world_size": self.world_size,
-            "config": json.dumps(self.config_fingerprint),
+            "config": self._config_json,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
