@@ -232,6 +232,22 @@ def test_a_trial_whose_worker_died_is_failed_and_retried_with_its_params(tmp_pat
     assert len(study.get_trials()) == len(trials)
 
 
+def test_a_retry_of_a_trial_killed_while_drawing_its_params_draws_the_rest(tmp_path):
+    storage, study, spec = _study(tmp_path, 1)
+    st.top_up(study, spec)
+    study_id = storage.get_study_id_from_name("s")
+    killed = st.claim(storage, study_id)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, killed.number)
+    storage.set_trial_param(trial_id, "x", 0.25, FloatDistribution(0, 1))  # "y" never drawn
+    st.fail_interrupted(study, killed, "interrupted: its worker process stopped", storage)
+    st.recover(study, storage)
+    retry = st.claim(storage, study_id)
+    assert retry.user_attrs["retry_of"] == killed.number
+    trial = optuna.Trial(study, retry._trial_id)
+    assert trial.suggest_float("x", 0, 1) == 0.25
+    assert 0 <= trial.suggest_float("y", 0, 1) <= 1
+
+
 def test_failures_in_a_row_count_from_the_session_start(tmp_path):
     storage, study, _ = _study(tmp_path, 0)
     for state in (TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL):

@@ -109,7 +109,10 @@ def test_a_sigkilled_sweep_rerun_keeps_finished_trials_and_retries_the_interrupt
     for t in interrupted:
         assert t.state == TrialState.FAIL
         retry = next(r for r in trials if r.user_attrs.get("retry_of") == t.number)
-        assert retry.state == TrialState.COMPLETE and retry.params == t.params
+        assert retry.state == TrialState.COMPLETE
+        # Every value the interrupted trial had drawn is repeated; a trial killed while drawing
+        # its params draws the rest in the retry.
+        assert retry.params.items() >= t.params.items()
     table = rows(s)
     assert sum(r["state"] == "complete" for r in table) == 6
     assert sum(r["state"] == "interrupted" for r in table) == len(interrupted)
