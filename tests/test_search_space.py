@@ -202,13 +202,19 @@ def test_concurrent_claims_never_take_the_same_trial(tmp_path):
     assert sorted(taken) == list(range(40))
 
 
-def test_a_trial_whose_worker_died_is_failed_and_retried_with_its_params(tmp_path):
-    storage, study, spec = _study(tmp_path, 2)
+def _claimed_with_x(tmp_path, n_trials: int) -> tuple:
+    """A study of ``n_trials`` slots whose first trial is claimed and has drawn x=0.25."""
+    storage, study, spec = _study(tmp_path, n_trials)
     st.top_up(study, spec)
     study_id = storage.get_study_id_from_name("s")
     trial = st.claim(storage, study_id)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
     storage.set_trial_param(trial_id, "x", 0.25, FloatDistribution(0, 1))
+    return storage, study, spec, study_id, trial, trial_id
+
+
+def test_a_trial_whose_worker_died_is_failed_and_retried_with_its_params(tmp_path):
+    storage, study, spec, study_id, trial, trial_id = _claimed_with_x(tmp_path, 2)
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
@@ -233,12 +239,7 @@ def test_a_trial_whose_worker_died_is_failed_and_retried_with_its_params(tmp_pat
 
 
 def test_a_retry_of_a_trial_killed_while_drawing_its_params_draws_the_rest(tmp_path):
-    storage, study, spec = _study(tmp_path, 1)
-    st.top_up(study, spec)
-    study_id = storage.get_study_id_from_name("s")
-    killed = st.claim(storage, study_id)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, killed.number)
-    storage.set_trial_param(trial_id, "x", 0.25, FloatDistribution(0, 1))  # "y" never drawn
+    storage, study, _, study_id, killed, _ = _claimed_with_x(tmp_path, 1)  # "y" never drawn
     st.fail_interrupted(study, killed, "interrupted: its worker process stopped", storage)
     st.recover(study, storage)
     retry = st.claim(storage, study_id)
