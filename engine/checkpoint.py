@@ -468,7 +468,7 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     version, words, gauss = random.getstate()
     state = {
-        # 625 words as one tensor: pickled as a tuple they cost 625 persistent-id calls per save.
+        # 625 words as one tensor: as a tuple they would be 625 numbers in the JSON header.
         "python": {
             "version": version,
             "words": torch.from_numpy(np.array(words, dtype=np.int64)),

@@ -87,6 +87,6 @@ def shutdown(wait_for_peers: bool = True) -> None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if wait_for_peers and dist.get_world_size() > 1:
-        dist.barrier()
+    if wait_for_peers:
+        barrier()
     dist.destroy_process_group()

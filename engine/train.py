@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,9 +76,6 @@ def make_metrics_factory(info: DataInfo, device: torch.device) -> Callable[[], A
 def check_compile_supported(device: torch.device) -> None:
     """``trainer.compile=true`` fails late and obscurely where torch.compile cannot work: say so
     before any compute."""
-    import os
-    import shutil
-
     if not torch._dynamo.is_dynamo_supported():
         raise ConfigError(
             f"trainer.compile=true: torch.compile is not supported with this Python/torch "

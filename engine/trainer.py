@@ -12,7 +12,6 @@ optimizer-step boundaries (no half-accumulated gradients to lose).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sys
@@ -147,7 +146,6 @@ class Trainer:
         self.is_main = rank == 0
         self.epoch_callback = epoch_callback
         self.config_fingerprint = config_fingerprint or {}
-        self._config_json = json.dumps(self.config_fingerprint)  # the same in every checkpoint
         self.state = FitState()
         self.monitor, self.monitor_mode = resolve_monitor(cfg.monitor, cfg.monitor_mode, info)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
@@ -387,10 +385,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt.rng_state(),
-            # _packed builds a new dict and JSON-encodes the metric dicts: a snapshot, no deepcopy.
-            "fit": _packed(vars(self.state)),
+            "fit": _snapshot(self.state),
             "world_size": self.world_size,
-            "config": self._config_json,
+            "config": self.config_fingerprint,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
@@ -407,7 +404,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
-        self.state = FitState(**_unpacked(state["fit"]))
+        self.state = FitState(**state["fit"])
 
     def _check_compatible(self, state: dict[str, Any], source: Path) -> None:
         if state.get("world_size", 1) != self.world_size:
@@ -416,7 +413,7 @@ class Trainer:
                 f"run has {self.world_size}: the data order would differ. Resume with the same "
                 f"number of processes, or start over with trainer.resume=never."
             )
-        saved = json.loads(state.get("config", "{}"))
+        saved = state.get("config", {})
         changed = [
             f"{k}: {saved[k]!r} -> {v!r}"
             for k, v in self.config_fingerprint.items()
@@ -508,17 +505,10 @@ class Trainer:
         )
 
 
-# The metric dicts of the fit state travel as JSON text: a few hundred small Python objects
-# would otherwise cost a third of serializing a small model's checkpoint.
-_JSON_FIELDS = ("best_metrics", "last_metrics")
-
-
-def _packed(fit: dict[str, Any]) -> dict[str, Any]:
-    return {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in fit.items()}
-
-
-def _unpacked(fit: dict[str, Any]) -> dict[str, Any]:
-    return {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in fit.items()}
+def _snapshot(state: FitState) -> dict[str, Any]:
+    """The counters as a dict that later updates cannot change (the metric dicts are flat, so a
+    shallow copy of each is enough; ``dataclasses.asdict`` would deep-copy every float)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in vars(state).items()}
 
 
 def _progress_mode(setting: str) -> str:

@@ -483,16 +483,13 @@ def _small_torch(logits, target, weight, opts: CEOptions, reduction: str) -> tor
     x = logits.reshape(-1, c).float()
     t = target.reshape(-1)
     if weight is None and opts.z_loss == 0 and reduction == "mean" and x.shape[0] > 0:
-        if opts.ignore_index == NO_IGNORE:  # every row counts: torch's own loss, nothing added
-            loss = F.cross_entropy(
-                x, t, ignore_index=NO_IGNORE, label_smoothing=opts.label_smoothing
-            )
-            return loss.to(logits.dtype)
-        # torch's mean is 0/0 = NaN only when every row is ignored (its gradient is then 0
-        # already): select 0 for that case on the device. The common training call, 3 ops.
         loss = F.cross_entropy(
             x, t, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing
         )
+        if opts.ignore_index == NO_IGNORE:  # every row counts: torch's own loss, nothing added
+            return loss.to(logits.dtype)
+        # torch's mean is 0/0 = NaN only when every row is ignored (its gradient is then 0
+        # already): select 0 for that case on the device. The common training call, 3 ops.
         counted = (t != opts.ignore_index).any()
         return torch.where(counted, loss, torch.zeros_like(loss)).to(logits.dtype)
     w = class_weight_fp32(weight)

@@ -14,7 +14,7 @@ from conftest import REPO
 from engine import checkpoint as ckpt
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2, cwd: Path = REPO) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("torchrun")
     command = (
         [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
@@ -22,7 +22,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(
         [*command, "--standalone", f"--nproc-per-node={nproc}", "-m", "engine.train", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -77,27 +77,7 @@ def test_two_process_ddp_trains_into_one_run_dir_and_refuses_a_resume_at_another
 
 @pytest.mark.slow
 def test_ddp_without_an_explicit_run_dir_shares_rank_zeros_timestamped_dir(tmp_path):
-    env_cwd = tmp_path
-    launcher = Path(sys.executable).with_name("torchrun")
-    command = (
-        [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    )
-    result = subprocess.run(
-        [
-            *command,
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "engine.train",
-            "trainer.max_epochs=1",
-            "trainer.device=cpu",
-        ],
-        cwd=env_cwd,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = torchrun("trainer.max_epochs=1", "trainer.device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = list((env_cwd / "outputs" / "runs").iterdir())
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
