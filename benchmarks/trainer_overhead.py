@@ -95,7 +95,7 @@ def engine_epochs(cfg, epochs: int) -> list[float]:
     times: list[float] = []
     marks = [0.0]
 
-    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(epoch: int, metrics: dict[str, float], final: bool = False) -> None:
         now = time.perf_counter()
         times.append(now - marks[0])
         marks[0] = now

@@ -18,7 +18,9 @@ File layout (the safetensors layout: nothing in it is executable, unlike a pickl
     data          every tensor's bytes, back to back, widest dtypes first (so each is aligned)
 
 The skeleton is the nested state (dicts, lists, numbers, strings) with each tensor replaced by its
-name. The CRC-32 of the data catches a torn or bit-flipped file at load. Read it with ``load``.
+name. The CRC-32 of the data catches a torn or bit-flipped file at load. Read it with ``load``,
+which checks the header against itself and the file's size before it allocates anything, so a
+hostile file costs its header (capped at ``MAX_HEADER_BYTES``), not the size it claims.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import queue
 import random
@@ -92,13 +95,27 @@ def _pack(value: Any, tensors: list[torch.Tensor]) -> Any:
     raise TypeError(f"cannot checkpoint a {type(value).__name__}")
 
 
-def _unpack(node: Any, tensors: dict[int, torch.Tensor]) -> Any:
+def _unpack(node: Any, tensors: dict[int, Any]) -> Any:
+    """The value a skeleton node stands for; a node ``_pack`` cannot have written raises
+    ValueError. Run over the header's tensor specs first, it checks every tensor reference before
+    any tensor memory exists."""
     if isinstance(node, dict):
-        if "t" in node:
-            return tensors[node["t"]]
-        if "d" in node:
-            return {k: _unpack(v, tensors) for k, v in node["d"]}
-        return tuple(_unpack(v, tensors) for v in node["u"])
+        if len(node) != 1:
+            raise ValueError(f"malformed skeleton node with keys {sorted(node)[:4]}")
+        ((kind, body),) = node.items()
+        if kind == "t":
+            if type(body) is not int or body not in tensors:
+                raise ValueError(f"the skeleton refers to tensor {body!r}, which the header lacks")
+            return tensors[body]
+        if kind == "d" and isinstance(body, list):
+            if not all(isinstance(item, list) and len(item) == 2 for item in body):
+                raise ValueError("malformed skeleton dict: its items are not [key, value] pairs")
+            if not all(item[0] is None or isinstance(item[0], str | int | float) for item in body):
+                raise ValueError("malformed skeleton dict: a key is not a string or a number")
+            return {k: _unpack(v, tensors) for k, v in body}
+        if kind == "u" and isinstance(body, list):
+            return tuple(_unpack(v, tensors) for v in body)
+        raise ValueError(f"malformed skeleton node {kind!r}")
     if isinstance(node, list):
         return [_unpack(v, tensors) for v in node]
     return node
@@ -195,40 +212,115 @@ def _header(skeleton: Any, layout_members: str, crc: int) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
+# The largest header a file may declare (safetensors' own limit). Ours take a few hundred bytes
+# per tensor; without a cap a hostile length would be read, then decoded, at its full size.
+MAX_HEADER_BYTES = 100_000_000
+_CRC_BUFFER_BYTES = 2**20
+
+
 def _read(path: Path) -> dict[str, Any]:
-    """Parse a checkpoint file; any inconsistency raises ValueError."""
+    """Parse a checkpoint file; any inconsistency raises ValueError.
+
+    Nothing the file declares is allocated before it is checked against the file itself, so a
+    torn or hostile file is refused at the cost of its header, never of its apparent size.
+    """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         start = f.read(8)
         if start.startswith(b"PK\x03\x04"):  # a torch.save zip: this engine's format before v3
             return {"format": "a torch.save file (engine-checkpoint-v2 or older)"}
+        if len(start) < 8:
+            raise ValueError("the file is shorter than the 8 bytes of its header length")
         n = int.from_bytes(start, "little")
-        if size < 8 or n > size - 8:
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(
+                f"the header length ({n} bytes) exceeds the limit of {MAX_HEADER_BYTES} bytes"
+            )
+        if n > size - 8:
             raise ValueError("the header length exceeds the file")
         header = json.loads(f.read(n))
-        metadata = header.pop("__metadata__")
-        data = torch.empty(size - 8 - n, dtype=torch.uint8)
-        if data.numel():
-            f.readinto(memoryview(data.numpy()))
-    if metadata.get("format") != FORMAT:
-        return {"format": metadata.get("format")}
-    spans = sorted(spec["data_offsets"] for spec in header.values())
-    starts = [begin for begin, _ in spans]
-    ends = [end for _, end in spans]
-    if starts != [0, *ends[:-1]][: len(starts)] or (ends[-1] if ends else 0) != data.numel():
-        raise ValueError("the file is truncated or its tensors overlap")
-    if zlib.crc32(memoryview(data.numpy())) != int(metadata["crc32"]):
-        raise ValueError("the data does not match its CRC-32")
+        metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
+        if not isinstance(metadata, dict):
+            raise ValueError("the header is not a JSON object with a __metadata__ entry")
+        if metadata.get("format") != FORMAT:
+            return {"format": metadata.get("format")}
+        data_size = size - 8 - n
+        specs = _checked_specs(header, data_size)
+        skeleton = json.loads(str(metadata.get("skeleton")))
+        # Every tensor reference, checked before any tensor memory exists.
+        if not isinstance(_unpack(skeleton, specs), dict):
+            raise ValueError("the skeleton is not a dict")
+        # The CRC is computed in a small fixed buffer before the data gets its memory: a file
+        # with a consistent header but bytes that are not ours (say a sparse file of zeros whose
+        # header declares gigabytes) is then refused at the cost of the buffer, not of its size.
+        # The price is a second read of the file, served from the page cache.
+        if _streamed_crc(f, data_size) != int(str(metadata.get("crc32"))):
+            raise ValueError("the data does not match its CRC-32")
+        f.seek(8 + n)
+        data = torch.empty(data_size, dtype=torch.uint8)
+        if data_size and f.readinto(memoryview(data.numpy())) != data_size:
+            raise ValueError("the file became shorter while it was read")
     tensors = {}
-    for name, spec in header.items():
-        begin, end = spec["data_offsets"]
-        dtype = _CODE_DTYPES[spec["dtype"]]
+    for index, (dtype, shape, begin, end) in specs.items():
         # A copy of its own for each: some consumers (torch.set_rng_state) read a tensor's
         # storage from its start and would see the bytes of the tensors before it.
-        tensors[int(name)] = data[begin:end].view(dtype).reshape(spec["shape"]).clone()
-    state = _unpack(json.loads(metadata["skeleton"]), tensors)
+        tensors[index] = data[begin:end].view(dtype).reshape(shape).clone()
+    state = _unpack(skeleton, tensors)
     state["format"] = FORMAT
     return state
+
+
+def _checked_specs(header: dict[str, Any], data_size: int) -> dict[int, tuple]:
+    """Each tensor's (dtype, shape, begin, end), once the header's claims agree with each other
+    and with the ``data_size`` bytes the file holds; otherwise ValueError naming the tensor."""
+    specs: dict[int, tuple] = {}
+    for name, spec in header.items():
+        if not (name.isdecimal() and str(int(name)) == name and isinstance(spec, dict)):
+            raise ValueError(f"header entry {name[:40]!r} is not a tensor of ours")
+        dtype = _CODE_DTYPES.get(spec.get("dtype"))
+        shape, offsets = spec.get("shape"), spec.get("data_offsets")
+        if dtype is None:
+            raise ValueError(f"tensor {name} has an unknown dtype {str(spec.get('dtype'))[:20]!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"tensor {name}: its shape is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise ValueError(f"tensor {name}: its data_offsets are not a [begin, end] pair")
+        begin, end = offsets
+        if not (type(begin) is int and type(end) is int and 0 <= begin <= end):
+            raise ValueError(f"tensor {name}: its data_offsets {offsets} are not a byte range")
+        if end > data_size:
+            raise ValueError(
+                f"the file is truncated: tensor {name} ends at byte {end} of a data section of "
+                f"{data_size} bytes"
+            )
+        if end - begin != math.prod(shape) * dtype.itemsize or begin % dtype.itemsize:
+            raise ValueError(
+                f"tensor {name}: bytes {begin}..{end} do not hold an aligned {spec['dtype']} "
+                f"tensor of shape {shape}"
+            )
+        specs[int(name)] = (dtype, shape, begin, end)
+    # Back to back from byte 0 to the end of the file: no gap, no overlap, nothing after.
+    covered = 0
+    for _, _, begin, end in sorted(specs.values(), key=lambda spec: (spec[2], spec[3])):
+        if begin != covered:
+            raise ValueError("the tensors' byte ranges leave a gap or overlap")
+        covered = end
+    if covered != data_size:
+        raise ValueError(f"{data_size - covered} bytes after the last tensor belong to none")
+    return specs
+
+
+def _streamed_crc(f: Any, nbytes: int) -> int:
+    """CRC-32 of the next ``nbytes`` of ``f``, read through one buffer of at most 1 MiB."""
+    buffer = memoryview(bytearray(min(nbytes, _CRC_BUFFER_BYTES)))
+    crc, left = 0, nbytes
+    while left:
+        got = f.readinto(buffer[: min(left, len(buffer))])
+        if not got:
+            raise ValueError("the file became shorter while it was read")
+        crc = zlib.crc32(buffer[:got], crc)
+        left -= got
+    return crc
 
 
 _IOV_MAX = 1024  # buffers per writev call (the POSIX minimum of IOV_MAX)
@@ -380,25 +472,68 @@ def link_best(last: Path, best: Path) -> None:
     os.replace(tmp, best)
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU; refuse a torn or foreign file with a clear message."""
+_RESUME_FIX = (
+    "Delete it or pass another with trainer.resume=<path>, or start over with trainer.resume=never."
+)
+
+
+def load(path: Path, *, setting: str = "trainer.resume") -> dict[str, Any]:
+    """Load a checkpoint on the CPU; refuse a torn or foreign file with a clear message.
+
+    ``setting`` is the config key that named the file: the messages say how to fix that key."""
     path = Path(path)
+    resuming = setting == "trainer.resume"
+    fix = _RESUME_FIX if resuming else f"Pass another with {setting}=<checkpoint or run dir>."
     if not path.is_file():
-        raise CheckpointError(f"trainer.resume: no checkpoint at {path}.")
+        raise CheckpointError(f"{setting}: no checkpoint at {path}.")
     try:
         state = _read(path)
     except Exception as err:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not one of ours ({type(err).__name__}: {err}). "
-            f"Delete it or pass another with trainer.resume=<path>, or start over with "
-            f"trainer.resume=never."
+            f"checkpoint {path} is corrupt or not one of ours ({type(err).__name__}: {err}). {fix}"
         ) from err
     if state.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {path} was written by another version of this engine (format "
-            f"{state.get('format')!r}, expected {FORMAT!r}). Use trainer.resume=never to start over."
+            f"{state.get('format')!r}, expected {FORMAT!r}). "
+            + ("Use trainer.resume=never to start over." if resuming else fix)
         )
     return state
+
+
+def init_source(setting: str) -> Path:
+    """The checkpoint ``trainer.init_from`` names: a file as given; for a run dir, its
+    ``checkpoints/best.pt`` (the weights its test metrics come from), else its ``last.pt``."""
+    path = Path(setting).expanduser()
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+        raise CheckpointError(
+            f"trainer.init_from={setting}: the folder {path} has no checkpoints/best.pt or "
+            f"checkpoints/last.pt; name the run dir of a run that saved checkpoints, or a "
+            f"checkpoint file."
+        )
+    if not path.exists():
+        raise CheckpointError(
+            f"trainer.init_from={setting}: there is no checkpoint or run dir at {path}."
+        )
+    return path
+
+
+def load_model_weights(setting: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the file ``trainer.init_from`` names, its model weights); the rest of its state is left."""
+    path = init_source(setting)
+    weights = load(path, setting="trainer.init_from").get("model")
+    if not (
+        isinstance(weights, dict)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} has no model weights (its 'model' entry is not a dict of "
+            f"tensors). Pass another with trainer.init_from=<checkpoint or run dir>."
+        )
+    return path, weights
 
 
 FORMAT = "engine-checkpoint-v3"
@@ -488,19 +623,62 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            np_state["kind"],
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
+def _python_rng(py: dict[str, Any]) -> tuple:
+    if not (py["gauss"] is None or type(py["gauss"]) is float):  # setstate takes any object here
+        raise TypeError(f"gauss is a {type(py['gauss']).__name__}, not a float or None")
+    return (py["version"], tuple(py["words"].tolist()), py["gauss"])
+
+
+def _numpy_rng(np_state: dict[str, Any]) -> tuple:
+    return (
+        np_state["kind"],
+        np_state["keys"].numpy().astype(np.uint32),
+        np_state["pos"],
+        np_state["has_gauss"],
+        np_state["cached_gaussian"],
     )
+
+
+def rng_state_problem(state: Any) -> str | None:
+    """Why ``set_rng_state`` could not restore ``state`` here (naming the entry), or None.
+
+    Each generator's state is tried on a throwaway generator of the same kind, so the check is
+    the generator's own (another Python's random state, another NumPy bit generator) and the
+    global generators stay untouched when the answer is no."""
+    if not isinstance(state, dict):
+        return f"entry 'rng' is a {type(state).__name__}, not a dict"
+    trials = {
+        "python": lambda: random.Random().setstate(_python_rng(state["python"])),
+        "numpy": lambda: np.random.RandomState().set_state(_numpy_rng(state["numpy"])),
+        "torch": lambda: torch.Generator().set_state(state["torch"]),
+    }
+    for name, trial in trials.items():
+        if name not in state:
+            return f"entry 'rng.{name}' is missing"
+        try:
+            trial()
+        except Exception as err:  # whatever the generator objects to, it is this entry
+            return (
+                f"entry 'rng.{name}' is not a {name} RNG state this process can restore "
+                f"({type(err).__name__}: {_short(err)})"
+            )
+    cuda = state.get("cuda", [])
+    if not (
+        isinstance(cuda, list)
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
+    ):
+        return "entry 'rng.cuda' is not a list of CUDA RNG states (uint8 tensors)"
+    return None
+
+
+def _short(err: Exception, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_python_rng(state["python"]))
+    np.random.set_state(_numpy_rng(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -14,7 +14,9 @@ typed and checked without one schema per YAML file.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -128,6 +130,13 @@ class SchedConfig:
     """Linear warm-up from 0 to the peak lr over this many optimizer steps."""
     warmup_fraction: float = 0.0
     """Warm-up as a fraction of all optimizer steps (used when warmup_steps is 0)."""
+    # 1000 = 1 / (1 - beta2) for Adam(W)'s default beta2=0.999: the horizon over which its
+    # second-moment estimate settles, which is what a warm-up is for (Ma & Yarats, 2019, argue
+    # for about 2 / (1 - beta2)). A run of ordinary length (5% of a few thousand steps) stays
+    # under it; only "until early stopping" runs with a huge max_epochs reach it.
+    warmup_max_steps: int = 1000
+    """Cap in optimizer steps on the warm-up given by warmup_fraction (not on an explicit
+    warmup_steps); 0: no cap."""
     min_lr_ratio: float = 0.0
     """cosine: final lr as a fraction of the peak."""
     step_size: int = 10
@@ -158,6 +167,10 @@ class TrainerConfig:
     """Stop after this many epochs without improvement of the monitored metric; 0 disables."""
     resume: str = "auto"
     """auto (continue from <run dir>/checkpoints/last.pt when present) | never | <path to a checkpoint>."""
+    init_from: str | None = None
+    """A checkpoint, or a run dir (its checkpoints/best.pt, else last.pt), whose model weights the
+    run starts from, with a fresh optimizer, schedule and counters: how to train on with other
+    optim or sched values. A checkpoint that trainer.resume finds is resumed instead."""
     ckpt_every_n_steps: int = 0
     """Also write last.pt every N optimizer steps inside an epoch; 0: at epoch ends only."""
     save_checkpoints: bool = True
@@ -214,6 +227,8 @@ class SearchConfig:
     ``hydra/launcher``) | auto (launcher unless it is Hydra's basic one)."""
     worker: int | None = None
     """Internal: set on the jobs that run workers through a Hydra launcher."""
+    worker_threads: int = 0
+    """Internal: torch CPU threads of such a job (the sweep command shares the cores out)."""
 
 
 @dataclass
@@ -274,8 +289,15 @@ def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {requirement}.")
 
 
+def _check_seed(key: str, value: int) -> None:
+    # numpy's legacy seeding (np.random.seed, Optuna's samplers) takes 32-bit unsigned seeds only,
+    # and says so without naming the key.
+    _check(0 <= value < 2**32, key, value, "a seed must be in [0, 2**32 - 1]")
+
+
 def validate(cfg: Any) -> None:
     """Reject values that are well-typed but unusable, naming the key and the fix."""
+    check_schema(cfg)
     for key, allowed in _CHOICES.items():
         _check_choice(cfg, key, allowed)
     d, t, o = cfg.data, cfg.trainer, cfg.optim
@@ -321,6 +343,8 @@ def validate(cfg: Any) -> None:
         "it must be positive",
     )
     _check(t.max_nan_skips >= 0, "trainer.max_nan_skips", t.max_nan_skips, "it must be >= 0")
+    for key in ("trainer.seed", "data.seed", "data.split_seed"):
+        _check_seed(key, _get(cfg, key))
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         "trainer.device",
@@ -351,6 +375,12 @@ def validate(cfg: Any) -> None:
         "sched.warmup_fraction",
         s.warmup_fraction,
         "it must be in [0, 1)",
+    )
+    _check(
+        s.warmup_max_steps >= 0,
+        "sched.warmup_max_steps",
+        s.warmup_max_steps,
+        "it must be >= 0 (0: no cap)",
     )
     _check(s.step_size > 0, "sched.step_size", s.step_size, "it must be a positive integer")
     if cfg.get("search") is not None:
@@ -393,6 +423,7 @@ def validate_search(s: Any) -> None:
     if s.n_workers is not None:
         _check(s.n_workers > 0, "search.n_workers", s.n_workers, "it must be a positive integer")
     _check(s.max_failures > 0, "search.max_failures", s.max_failures, "it must be positive")
+    _check_seed("search.seed", s.seed)
     _check(bool(s.metric), "search.metric", s.metric, "name a key of metrics.json, e.g. val/acc")
     if s.metrics is not None:
         metrics = list(s.metrics)
@@ -440,26 +471,282 @@ def _schema_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, type]:
     return keys
 
 
+# Hydra's command-line options (``python -m engine.train --help``), short names mapped to long
+# ones; argparse also accepts a unique prefix of a long one (``--config-n``).
+_SHORT_OPTIONS = {
+    "-h": "--help",
+    "-c": "--cfg",
+    "-p": "--package",
+    "-r": "--run",
+    "-m": "--multirun",
+    "-sc": "--shell-completion",
+    "-cp": "--config-path",
+    "-cn": "--config-name",
+    "-cd": "--config-dir",
+    "-i": "--info",
+}
+_LONG_OPTIONS = (
+    *_SHORT_OPTIONS.values(),
+    "--hydra-help",
+    "--version",
+    "--resolve",
+    "--experimental-rerun",
+)
+_OPTIONS_WITH_VALUE = (
+    "--cfg",
+    "--package",
+    "--config-path",
+    "--config-name",
+    "--config-dir",
+    "--experimental-rerun",
+)
+_INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+_TYPED_GROUPS = ("data", "model", "loss", "optim", "sched", "trainer", "search")
+# The primary config folder (conf/train.yaml and the groups), beside the engine package.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _option(word: str) -> str | None:
+    name = word.split("=", 1)[0]
+    if name in _SHORT_OPTIONS:
+        return _SHORT_OPTIONS[name]
+    matches = [o for o in _LONG_OPTIONS if o.startswith(name)] if name.startswith("--") else []
+    return name if name in matches else matches[0] if len(matches) == 1 else None
+
+
+def split_command_line(args: list[str]) -> tuple[set[str], list[str]]:
+    """(Hydra's options by long name, the overrides) of a command line, as Hydra's argparse reads
+    it: an option's value (``-cd <dir>``, ``--cfg job``, ``-i config``) is not an override."""
+    options: set[str] = set()
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if not word.startswith("-"):  # keys never start with "-"; negative values follow a "="
+            overrides.append(word)
+            continue
+        name = _option(word)
+        if name is None:
+            continue  # argparse refuses it
+        options.add(name)
+        if "=" in word or i == len(args):
+            continue
+        if name in _OPTIONS_WITH_VALUE or (name == "--info" and args[i] in _INFO_CHOICES):
+            i += 1
+    return options, overrides
+
+
+def unknown_key_message(key: str, where: str) -> str:
+    """``key`` is not in the schema: name the closest valid key and the keys of its group."""
+    keys = _schema_keys()
+    hint = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+    fix = f" Did you mean '{hint[0]}'?" if hint else ""
+    section = key.split(".", 1)[0]
+    known = sorted(
+        k.split(".", 1)[1] for k in keys if k.startswith(section + ".") and k.count(".") == 1
+    )
+    listing = f" Valid keys of '{section}': {', '.join(known)}." if known else ""
+    return f"unknown config key '{key}' ({where}).{fix}{listing}"
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _check_deletion(arg: str, keys: dict[str, type]) -> str | None:
+    key = arg[1:].split("=", 1)[0]
+    if "/" in key or "@" in key or key.startswith(("hydra", "search.params.")) or key == "search":
+        return None
+    if key in _TYPED_GROUPS:
+        options = ", ".join(_group_options(key))
+        return (
+            f"{key}: the '{key}' group cannot be removed (in override '{arg}'), every run needs "
+            f"one; choose another option instead: {key}=<{options.replace(', ', '|')}>."
+        )
+    if key in keys:
+        return (
+            f"{key}: a key of the typed config cannot be deleted (in override '{arg}'); set the "
+            f"value you want instead, {key}=<value> (`--cfg job` shows the current values)."
+        )
+    if key.split(".", 1)[0] in _TYPED_GROUPS:
+        return unknown_key_message(key, f"in override '{arg}'")
+    return None
+
+
 def check_override_keys(args: list[str]) -> str | None:
     """Return an error message for the first command-line override whose key does not exist.
 
     Hydra also rejects such a key, but suggests appending it with ``+``, which is the wrong fix
-    for a typo; we name the closest valid key instead. Sweep-only (``search.*``), Hydra's own
-    (``hydra.*``) and explicit additions (``+key``/``~key``) are left to Hydra.
+    for a typo; we name the closest valid key instead. ``+key``/``++key`` of a typed group are
+    checked too (Hydra would add the typo and the run would ignore it), and so is ``~key`` (Hydra
+    cannot delete a key of the typed config). Hydra's own keys (``hydra.*``), config groups
+    (``group/x``), the free ``search.params`` dict and new top-level keys are left to Hydra.
     """
+    options, overrides = split_command_line(args)
+    if "--shell-completion" in options:
+        return None  # its words (install=bash, query=bash) are commands, not overrides
     keys = _schema_keys()
-    for arg in args:
-        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+    for arg in overrides:
+        if arg.startswith("~"):
+            problem = _check_deletion(arg, keys)
+            if problem:
+                return problem
             continue
-        key = arg.split("=", 1)[0]
-        if "/" in key or key.startswith(("hydra", "search.params.")) or key in keys:
+        added = arg.startswith("+")
+        key = arg.lstrip("+").split("=", 1)[0]
+        if "=" not in arg or "/" in key or "@" in key:
             continue
-        hint = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
-        fix = f" Did you mean '{hint[0]}'?" if hint else ""
-        section = key.split(".", 1)[0]
-        known = sorted(
-            k.split(".", 1)[1] for k in keys if k.startswith(section + ".") and k.count(".") == 1
-        )
-        listing = f" Valid keys of '{section}': {', '.join(known)}." if known else ""
-        return f"unknown config key '{key}' (in override '{arg}').{fix}{listing}"
+        if key.startswith(("hydra", "search.params.")) or key in keys:
+            continue
+        if added and key.split(".", 1)[0] not in _TYPED_GROUPS:
+            continue
+        return unknown_key_message(key, f"in override '{arg}'")
     return None
+
+
+def check_schema(cfg: Any) -> None:
+    """Refuse a key that a typed group does not have, however it got in (``+key``, ``++key``, a
+    YAML file from ``--config-dir``): OmegaConf lets such keys into a structured config, and the
+    run would silently ignore them. Also refuse a required value left unset (``???``)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    for group in dataclasses.fields(TrainConfig):
+        node = getattr(cfg, group.name, None)
+        if not OmegaConf.is_dict(node):
+            continue
+        schema = SearchConfig if group.name == "search" else group.default_factory
+        fields = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in fields:
+                where = "in the composed config: added with +, ++ or a config file"
+                raise ConfigError(unknown_key_message(f"{group.name}.{key}", where))
+        for key in fields:
+            if OmegaConf.is_missing(node, key):
+                options = "|".join(_group_options(group.name))
+                fix = (
+                    f"choose an option of the group, {group.name}=<{options}>"
+                    if key == "name"
+                    else f"set {group.name}.{key}=<value>"
+                )
+                raise ConfigError(f"{group.name}.{key} has no value (???): {fix}.")
+
+
+def check_sweep_types(args: list[str]) -> str | None:
+    """``-m key=interval(a,b)`` without ``search=``: Hydra's basic sweeper only takes lists and
+    ranges and fails with a traceback; say which sweeper takes an interval."""
+    options, overrides = split_command_line(args)
+    if "--multirun" not in options or options & {"--config-name", "--config-path"}:
+        return None  # another primary config may pick its own sweeper
+    keys = [a.lstrip("+").split("=", 1)[0] for a in overrides]
+    if any(k == "search" or k.startswith("hydra/sweeper") for k in keys):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        try:
+            override = parser.parse_override(arg)
+        except OverrideParseException:
+            continue  # Hydra reports it
+        if override.value_type == ValueType.INTERVAL_SWEEP:
+            key = override.get_key_element()
+            return (
+                f"{key}: '{arg}' is an interval, which Hydra's basic sweeper (-m without search=) "
+                f"cannot sample; sweep it with the engine's sweeper: python -m engine.train -m "
+                f"search=tpe '{arg}' (or search=random, gp, cmaes), or give a list of values "
+                f"({key}=a,b,c)."
+            )
+    return None
+
+
+def check_output_dir(args: list[str]) -> str | None:
+    """A ``hydra.run.dir`` (``hydra.sweep.dir`` with -m) that is a file or cannot be created:
+    Hydra would fail with a traceback when it makes the folder."""
+    options, overrides = split_command_line(args)
+    shows = {"--help", "--hydra-help", "--version", "--cfg", "--info", "--shell-completion"}
+    if options & shows:
+        return None  # nothing is written
+    key = "hydra.sweep.dir" if "--multirun" in options else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in overrides if a.lstrip("+").split("=", 1)[0] == key]
+    if not given or not given[-1]:
+        return None
+    text = given[-1]
+    # An interpolation (a timestamp) names a folder that does not exist yet: check where it goes.
+    path = Path(text.split("${", 1)[0] + "x").parent if "${" in text else Path(text)
+    path = path.expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{key}={text}: {existing} is a file, not a folder; pass another {key}=<folder>."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        made = "" if existing == path else f", so {path} cannot be created"
+        return f"{key}={text}: {existing} is not writable{made}; pass another {key}=<folder>."
+    return None
+
+
+def check_command_line(args: list[str]) -> str | None:
+    """The mistakes a command line shows before Hydra composes anything (about 2 s sooner than
+    the first model would be built): the first one's message, or None."""
+    return check_override_keys(args) or check_sweep_types(args) or check_output_dir(args)
+
+
+def describe_config_error(err: BaseException) -> str:
+    """Hydra's or OmegaConf's refusal of a config as ``<key>: <what>``, without Hydra's advice to
+    append a misspelt key with ``+``; any other error as its message."""
+    import re
+
+    from hydra.errors import (
+        HydraException,
+        MissingConfigException,
+        OverrideParseException,
+        SearchPathException,
+    )
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    def first_line(text: str) -> str:
+        return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+    text = str(err)
+    if not isinstance(err, (HydraException, OmegaConfBaseException)):
+        return text
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        choices = sorted(err.options)
+        hint = difflib.get_close_matches(option, choices, n=1)
+        closest = f" Did you mean '{group}={hint[0]}'?" if hint else ""
+        return (
+            f"{group}={option}: the '{group}' group has no option '{option}'; available: "
+            f"{', '.join(choices)}.{closest}"
+        )
+    if isinstance(err, OverrideParseException):
+        return f"could not parse the override '{err.override}': {first_line(err.message)}"
+    if isinstance(err, SearchPathException):
+        return f"--config-dir: {first_line(text)}"
+    # Hydra wraps OmegaConf's error, as the cause or (composing a file) only as the context.
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__ or err.__context__
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        key, what = cause.full_key, first_line(getattr(cause, "msg", None) or cause)
+        override = re.match(r"Error merging override (\S+)", text)
+        source = re.match(r"In '([^']+)'", text)
+        where = (
+            f"in override '{override.group(1)}'"
+            if override
+            else f"in config '{source.group(1)}'"
+            if source
+            else "in the config"
+        )
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in what:
+            return unknown_key_message(key, where)
+        if "does not support deletion" in what:
+            return (
+                f"{key}: a key of the typed config cannot be deleted ({where}); set the value "
+                f"you want instead, {key}=<value>."
+            )
+        return f"{key}: {what} ({where})."
+    return first_line(text)

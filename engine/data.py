@@ -108,7 +108,45 @@ def _synthetic_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     return x.astype(np.float32), y.astype(np.int64), DataInfo("classification", f, c)
 
 
-def _read_frame(path: Path):
+def _header_names(path: Path, parquet: bool) -> list[str]:
+    """The column names as written in the file, before pandas makes them unique."""
+    if parquet:
+        import pyarrow.parquet as pq
+
+        return [str(name) for name in pq.read_schema(path).names]
+    import pandas as pd
+
+    # The same parser as the full read, so quoting and delimiters agree; every cell as text.
+    head = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
+    return [str(name) for name in head.iloc[0]]
+
+
+def _check_unique_names(names: list[str], path: Path, target: str | None) -> None:
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(names, start=1):
+        if name:  # empty header cells get distinct "Unnamed: i" names from pandas: no ambiguity
+            positions.setdefault(name, []).append(i)
+    repeated = {name: where for name, where in positions.items() if len(where) > 1}
+    if not repeated:
+        return
+    listing = "; ".join(
+        f"'{name}' (columns {', '.join(map(str, where))})" for name, where in repeated.items()
+    )
+    # pandas would rename the copies ('label' -> 'label.1'): a copy of the target would then
+    # be an ordinary feature holding the answer, and val/acc a meaningless 1.0.
+    leak = (
+        f" '{target}' is the target (data.target): its copy would be read as a feature that "
+        f"holds the answer."
+        if target in repeated
+        else ""
+    )
+    raise DataError(
+        f"{path} has repeated column names, which are ambiguous: {listing}.{leak} "
+        f"Give every column its own name (or drop the copies) in the file."
+    )
+
+
+def _read_frame(path: Path, target: str | None = None):
     import pandas as pd
 
     if not path.exists():
@@ -117,10 +155,16 @@ def _read_frame(path: Path):
             f"the command in, {Path.cwd()}). Pass an existing .csv or .parquet file."
         )
     suffix = path.suffix.lower()
+    parquet = suffix in (".parquet", ".pq")
     try:
-        if suffix in (".parquet", ".pq"):
+        # Checked before the full read: pandas renames a CSV's repeated names, and fails on a
+        # parquet file's with an unhelpful "Multiple matches for FieldRef".
+        _check_unique_names(_header_names(path, parquet), path, target)
+        if parquet:
             return pd.read_parquet(path)
         return pd.read_csv(path)
+    except DataError:
+        raise
     except Exception as err:  # pandas raises many types; the user needs the file and the cause
         if type(err).__name__ == "EmptyDataError":
             raise DataError(f"data.path: {path} is empty: it has no header and no rows.") from err
@@ -163,7 +207,7 @@ def _is_classification_target(values: np.ndarray) -> bool:
 
 def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     path = Path(cfg.path).expanduser().resolve()
-    frame = _read_frame(path)
+    frame = _read_frame(path, cfg.target)
     if len(frame) == 0:
         raise DataError(f"data.path: {path} has a header but no data rows.")
     columns = [str(c) for c in frame.columns]
@@ -178,6 +222,20 @@ def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
             f"data.target='{cfg.target}' is not a column of {path}. Its columns are: "
             f"{', '.join(columns)}."
         )
+    if cfg.features:
+        listed = [str(c) for c in cfg.features]
+        twice = list(dict.fromkeys(c for i, c in enumerate(listed) if c in listed[:i]))
+        if twice:
+            raise DataError(
+                f"data.features lists {', '.join(repr(c) for c in twice)} more than once; list "
+                f"each feature column once."
+            )
+        if cfg.target in listed:
+            raise DataError(
+                f"data.features includes the target column '{cfg.target}' (data.target): the "
+                f"model would be given the answer as an input. Remove '{cfg.target}' from "
+                f"data.features (or leave data.features unset: every column but the target)."
+            )
     features = list(cfg.features) if cfg.features else [c for c in columns if c != cfg.target]
     missing = [c for c in features if c not in columns]
     if missing:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.config import ConfigError
 from engine.data import DataInfo
 
 _TASK_LOSSES = {
@@ -31,7 +32,7 @@ def resolve_loss_name(cfg: Any, info: DataInfo) -> str:
         return allowed[0]
     if cfg.name not in allowed:
         kind = "a regression" if info.task == "regression" else "a classification"
-        raise ValueError(
+        raise ConfigError(
             f"loss={cfg.name} does not fit this data, which is {kind} task: use "
             f"{' or '.join('loss=' + a for a in allowed)} (or loss=auto)."
         )
@@ -60,7 +61,7 @@ class Objective:
             )
         elif self.name == "cross_entropy":
             if cfg.z_loss:
-                raise ValueError(
+                raise ConfigError(
                     "loss.z_loss needs the fused kernels: set loss.fused=true or loss.z_loss=0."
                 )
             self.logits_loss = functools.partial(_torch_cross_entropy, **ce_options)

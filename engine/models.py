@@ -8,11 +8,13 @@ Regression models have one output and return predictions of shape [N].
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from engine.config import ConfigError
 from engine.data import DataInfo
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -97,7 +99,7 @@ def build_model(cfg: Any, info: DataInfo) -> nn.Module:
 
         return build_transformer(cfg, info)
     if info.task == "lm":
-        raise ValueError(
+        raise ConfigError(
             f"model={cfg.name} cannot train data=text (a language model): use model=transformer."
         )
     if cfg.name == "linear":
@@ -108,11 +110,69 @@ def build_model(cfg: Any, info: DataInfo) -> nn.Module:
         return HeadModel(body, nn.Linear(width, outputs), regression)
     if cfg.name == "cnn":
         if info.input_shape is None:
-            raise ValueError(
+            raise ConfigError(
                 "model=cnn needs image-shaped data (data=digits gives 1x8x8 images); this data "
                 "has plain feature columns: use model=mlp or model=linear."
             )
         return HeadModel(
             ConvBody(info.input_shape, cfg), nn.Linear(cfg.hidden, outputs), regression
         )
-    raise ValueError(f"model.name='{cfg.name}' is unknown; choose linear, mlp, cnn or transformer.")
+    raise ConfigError(
+        f"model.name='{cfg.name}' is unknown; choose linear, mlp, cnn or transformer."
+    )
+
+
+def _shape_keys(cfg: Any) -> str:
+    keys = ["hidden", "depth"] + ["hidden_sizes"] * bool(cfg.hidden_sizes)
+    keys += ["channels"] * (cfg.name == "cnn")
+    values = {k: getattr(cfg, k) for k in keys}
+    return ", ".join(f"model.{k}={v if isinstance(v, int) else list(v)}" for k, v in values.items())
+
+
+def check_model_fits(cfg: Any, info: DataInfo, device: torch.device) -> None:
+    """Refuse a model that cannot be allocated on ``device``, before allocating any of it.
+
+    It is built on the meta device first (shapes without storage, no time or memory): a size that
+    overflows is an impossible shape, and the fp32 weights and their gradients, a lower bound of
+    what training holds, must fit in the memory ``device`` has free."""
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, info)
+    except (RuntimeError, OverflowError) as err:  # "Storage size calculation overflowed ..."
+        raise ConfigError(
+            f"{_shape_keys(cfg)}: no machine can hold this model ({err}); lower model.hidden or "
+            f"model.depth."
+        ) from err
+    params = sum(p.numel() for p in model.parameters())
+    needed = params * 4 * 2
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise ConfigError(
+            f"{_shape_keys(cfg)}: the model has {params:,} parameters, whose fp32 weights and "
+            f"gradients alone take {needed / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} "
+            f"GiB free on {device}; lower model.hidden or model.depth."
+        )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (CPU: RAM and swap, within a cgroup limit), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines())
+        free = (int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    try:  # a container's own limit (cgroup v2) can be far below the machine's memory
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read())
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.config import ConfigError
+
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     # No weight decay on biases and norm weights (1-D parameters): decaying them only hurts.
@@ -31,11 +33,42 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **options
         )
-    raise ValueError(f"optim.name='{cfg.name}' is unknown; choose adamw, adam or sgd.")
+    raise ConfigError(f"optim.name='{cfg.name}' is unknown; choose adamw, adam or sgd.")
 
 
 def warmup_steps(cfg: Any, total_steps: int) -> int:
-    return cfg.warmup_steps or int(cfg.warmup_fraction * total_steps)
+    """Warm-up length in optimizer steps: ``sched.warmup_steps`` as given, else the fraction of
+    ``total_steps`` capped at ``sched.warmup_max_steps``.
+
+    A pure function of the config and the planned step count, so a resumed run rebuilds the same
+    schedule. The cap exists because a fraction of a huge ``trainer.max_epochs`` (set as "until
+    early stopping") would keep the lr near zero for the whole run.
+    """
+    if cfg.warmup_steps:
+        return cfg.warmup_steps
+    planned = int(cfg.warmup_fraction * total_steps)
+    if not planned:  # also spares configs written before the cap existed a lookup of it
+        return 0
+    cap = cfg.warmup_max_steps
+    return min(planned, cap) if cap else planned
+
+
+def warmup_capped(cfg: Any, total_steps: int) -> bool:
+    """Whether ``sched.warmup_max_steps`` shortened the warm-up the fraction asked for."""
+    return not cfg.warmup_steps and warmup_steps(cfg, total_steps) < int(
+        cfg.warmup_fraction * total_steps
+    )
+
+
+def describe_warmup(cfg: Any, total_steps: int) -> str:
+    """How long the warm-up is and where that comes from, as one phrase for the log."""
+    steps = warmup_steps(cfg, total_steps)
+    if cfg.warmup_steps:
+        return f"warm-up: {steps} steps (sched.warmup_steps)"
+    share = f"{cfg.warmup_fraction * 100:g}% of {total_steps} planned steps"
+    if warmup_capped(cfg, total_steps):
+        share += f", capped by sched.warmup_max_steps={cfg.warmup_max_steps}"
+    return f"warm-up: {steps} steps ({share})"
 
 
 def lr_factor(cfg: Any, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -69,7 +102,8 @@ class LRSchedule:
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
-        self.constant = cfg.name == "none" and warmup_steps(cfg, total_steps) == 0
+        self.warmup_steps = warmup_steps(cfg, total_steps)
+        self.constant = cfg.name == "none" and self.warmup_steps == 0
         self.step_count = 0
         self._apply()
 

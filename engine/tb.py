@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +74,28 @@ def _hparam_type(value: Any) -> int:
     return api_pb2.DataType.Value("DATA_TYPE_STRING")
 
 
-def experiment_summary(hparams: Mapping[str, Any], metric_tags: list[str]) -> Summary:
+def _hparam_info(name: str, example: Any, differs: bool, domain: Sequence[Any] | None):
+    info = api_pb2.HParamInfo(name=name, type=_hparam_type(example), differs=differs)
+    if domain is not None:
+        info.domain_discrete.values.extend([_hparam_value(v) for v in domain])
+    return info
+
+
+def experiment_summary(
+    hparams: Mapping[str, Any],
+    metric_tags: list[str],
+    *,
+    differs: Collection[str] = (),
+    discrete: Mapping[str, Sequence[Any]] | None = None,
+) -> Summary:
+    """The HParams dashboard's columns. It sorts hparams by (not ``differs``, name) and shows the
+    first five, and the first five metrics in this order; an hparam with a ``discrete`` domain
+    (under 10 values) gets a checkbox filter."""
+    discrete = discrete or {}
     experiment = api_pb2.Experiment(
-        hparam_infos=[api_pb2.HParamInfo(name=k, type=_hparam_type(v)) for k, v in hparams.items()],
+        hparam_infos=[
+            _hparam_info(k, v, k in differs, discrete.get(k)) for k, v in hparams.items()
+        ],
         metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metric_tags],
     )
     return _plugin_summary(

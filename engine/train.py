@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -20,29 +21,51 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra.errors import ConfigCompositionException, OverrideParseException, SearchPathException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, ValidationError
 
 from engine import checkpoint as ckpt
 from engine import distributed as dist
-from engine.config import ConfigError, check_override_keys, register_configs, validate
+from engine.config import (
+    CONF_DIR,
+    ConfigError,
+    check_command_line,
+    describe_config_error,
+    register_configs,
+    validate,
+)
 from engine.data import BatchLoader, DataError, DataInfo, build_dataset, write_data_info
 from engine.losses import Objective, resolve_loss_name
-from engine.models import build_model
+from engine.models import build_model, check_model_fits
 from engine.optim import build_optimizer, build_scheduler
 from engine.tb import NullLogger, TBLogger, flatten
 from engine.trainer import NonFiniteError, Trainer, pick_device, pick_precision
 
 log = logging.getLogger("engine")
 
-# Errors a user can fix from the message alone: shown without a traceback, exit code 2.
-USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, NonFiniteError, ValueError)
+# Errors a user can fix from the message alone: shown without a traceback, exit code 2. Not a
+# bare ValueError: a library's one does not name the key; the engine raises ConfigError/DataError.
+USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, NonFiniteError)
+# Hydra's and OmegaConf's refusals of the config (a wrong type, a missing group option, a bad
+# override): user errors too, reworded by describe_config_error to name the key.
+CONFIG_ERRORS = (
+    ConfigCompositionException,
+    OverrideParseException,
+    SearchPathException,
+    ValidationError,
+    InterpolationResolutionError,
+)
 
-# What a resumed run must share with the run that wrote the checkpoint.
+# What a resumed run must share with the run that wrote the checkpoint. Every optim and sched
+# value: their state (param groups, base lrs) comes back from the checkpoint, so a changed one
+# would be silently ignored (trainer.init_from is the way to change them).
 _RESUME_KEYS = (
     "data",
     "model",
     "loss",
-    "optim.name",
+    "optim",
+    "sched",
     "trainer.seed",
     "trainer.accumulate_grad_batches",
 )
@@ -127,7 +150,7 @@ def build_job(
     cfg: DictConfig,
     run_dir: Path,
     *,
-    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+    epoch_callback: Callable[..., None] | None = None,
     hparams_group: str = "",
     hparams_session: bool = True,
 ) -> Job:
@@ -174,6 +197,7 @@ def build_job(
             split, cfg.data.eval_batch_size, shuffle=False, rank=rank, world_size=world_size
         )
 
+    check_model_fits(cfg.model, info, device)
     model = build_model(cfg.model, info).to(device)
     fused_head = bool(cfg.model.fused_head) and cfg.loss.fused
     objective = Objective(cfg.loss, info, fused_head=fused_head)
@@ -217,6 +241,10 @@ def build_job(
     )
     if resume is not None:
         trainer.resume_from(resume)
+        if t.init_from:  # e.g. the same command re-run after a kill: go on, do not start over
+            log.info("trainer.init_from=%s not applied: resuming from %s", t.init_from, resume)
+    elif t.init_from:
+        trainer.init_weights_from(t.init_from)
     logger: Any = NullLogger()
     if is_main:
         logger = TBLogger(
@@ -321,25 +349,47 @@ def format_table(results: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def _traceback_to_log_files() -> None:
+    """Keep the traceback of the error being handled in train.log (for bug reports) but off the
+    console: the root level (INFO) would drop a DEBUG record before any handler saw it."""
+    if os.environ.get("RANK", "0") != "0":  # torchrun: one train.log voice, rank 0's
+        return
+    record = log.makeRecord(log.name, logging.DEBUG, __file__, 0, "traceback", (), sys.exc_info())
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 register_configs()
+# Set when Hydra hands over the composed config: an OSError before that is about the outputs' folder.
+_job_started = False
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+# An absolute config path: the same conf/ whether this runs as `python -m engine.train` or as the
+# installed `engine-train` command (for which Hydra would look for a `conf` Python package).
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+
+    global _job_started
+    _job_started = True
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.search is not None and cfg.search.worker is not None:
         # A sweep worker started as a job by a Hydra launcher (engine/search/driver.py).
         from engine.search.worker import run_worker
 
-        run_worker(cfg.search.storage, cfg.search.study_name, worker=cfg.search.worker)
+        # On a GPU the job takes torch's default threads, as a worker process does.
+        threads = 0 if torch.cuda.is_available() else cfg.search.worker_threads
+        run_worker(
+            cfg.search.storage, cfg.search.study_name, worker=cfg.search.worker, threads=threads
+        )
         return None
     try:
         results = run(cfg, run_dir)
-    except USER_ERRORS as err:
-        log.debug("traceback", exc_info=True)  # kept in train.log for bug reports
-        log.error("error: %s", err)
+    except (*USER_ERRORS, *CONFIG_ERRORS) as err:
+        _traceback_to_log_files()
+        log.error("error: %s", describe_config_error(err))
         dist.shutdown(wait_for_peers=False)
         sys.exit(2)
     dist.shutdown()
@@ -347,10 +397,46 @@ def main(cfg: DictConfig) -> float | None:
     return results.get(metric) if metric else None
 
 
-if __name__ == "__main__":
-    problem = check_override_keys(sys.argv[1:])
+def _completion_line(line: str) -> str:
+    """Hydra's completion query takes the words after ``python <file>.py`` (or an installed
+    command) as overrides: for ``python -m engine.train ...`` it would read ``engine.train`` as one
+    and fail. Present the line as the command ``engine.train ...`` instead."""
+    module = re.match(r"\s*\S*python[\d.]*\s+-m\s+engine\.train(\s|$)", line)
+    return f"engine.train {line[module.end() :]}" if module else line
+
+
+def cli() -> None:
+    """``python -m engine.train`` and the ``engine-train`` command (the same program; Hydra's
+    bash completion completes installed commands and ``python <file>.py``, not ``python -m``)."""
+    if "COMP_LINE" in os.environ and {"-sc", "--shell-completion"} & set(sys.argv):
+        os.environ["COMP_LINE"] = _completion_line(os.environ["COMP_LINE"])
+    problem = check_command_line(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0], *dist.share_run_dir(sys.argv[1:])]
-    main()
+    # Hydra then re-raises a composition error instead of printing it with exit code 1 (and, for
+    # a misspelt key, advice to append it with +): the user's errors get `error: <key>: ...` and
+    # exit code 2 here, any other exception keeps its traceback (a bug).
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CONFIG_ERRORS as err:
+        print(f"error: {describe_config_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.filename is None or _job_started:
+            raise  # a failure inside a run keeps its traceback
+        # Before any job started: the run or sweep dir (or a file in it) could not be made. Hydra
+        # makes the run dir and train.log first, wherever hydra.run.dir was set (a file too).
+        print(
+            f"error: could not write {err.filename}: {err.strerror}. Make that folder writable, "
+            f"or put the outputs elsewhere with hydra.run.dir=<folder> (hydra.sweep.dir=<folder> "
+            f"for -m).",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

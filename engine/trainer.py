@@ -12,6 +12,7 @@ optimizer-step boundaries (no half-accumulated gradients to lose).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import sys
@@ -27,8 +28,9 @@ from torch import nn
 from engine import checkpoint as ckpt
 from engine import distributed as dist
 from engine import faults
+from engine.config import ConfigError
 from engine.data import BatchLoader, DataInfo
-from engine.optim import LRSchedule
+from engine.optim import LRSchedule, describe_warmup, warmup_capped
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,13 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.device={name} but no CUDA GPU is visible to torch; use trainer.device=cpu "
                 f"or trainer.device=auto."
             )
         index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.device={name} but only {torch.cuda.device_count()} GPU(s) are visible "
                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})."
             )
@@ -84,7 +86,7 @@ def pick_precision(name: str, device: torch.device) -> str:
             return "bf16"
         return "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             "trainer.precision=fp16 needs a CUDA device (its grad scaler is CUDA-only); on CPU use "
             "trainer.precision=fp32 or bf16."
         )
@@ -123,7 +125,7 @@ class Trainer:
         logger: Any,
         rank: int = 0,
         world_size: int = 1,
-        epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+        epoch_callback: Callable[..., None] | None = None,
         config_fingerprint: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
@@ -169,6 +171,9 @@ class Trainer:
 
     def _fit(self) -> dict[str, float]:
         start = time.perf_counter()
+        note = self._warmup_note()
+        if note:
+            log.info("%s", note)
         for epoch in range(self.state.epoch, self.cfg.max_epochs):
             self.train_loader.set_epoch(epoch)
             epoch_start = time.perf_counter()
@@ -182,7 +187,10 @@ class Trainer:
             self._end_epoch(epoch, metrics)
             self._log_epoch(epoch, metrics, seconds)
             if self.epoch_callback is not None:
-                self.epoch_callback(epoch, metrics)
+                # final: no epoch follows (the last one, or an early stop), so a sweep's pruner
+                # must not stop the run there and lose its test metrics.
+                final = epoch + 1 >= self.cfg.max_epochs or bool(self.stop_reason)
+                self.epoch_callback(epoch, metrics, final=final)
             if self.stop_reason:
                 break
         log.info("training took %.1f s", time.perf_counter() - start)
@@ -197,7 +205,7 @@ class Trainer:
         s.last_metrics = metrics
         value = metrics.get(self.monitor)
         if value is None and self.val_loader is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.monitor={self.monitor} is not among this run's metrics "
                 f"({', '.join(sorted(metrics))}); pick one of them."
             )
@@ -209,7 +217,9 @@ class Trainer:
         if improved:
             s.best_value, s.best_epoch, s.bad_epochs = value, epoch, 0
             s.best_metrics = dict(metrics)
-        else:
+        elif s.global_step >= self.scheduler.warmup_steps:
+            # An epoch that ends inside the warm-up ran below the peak lr: its lack of progress
+            # says nothing about convergence, so it does not use up the patience.
             s.bad_epochs += 1
             if self.cfg.early_stop_patience and s.bad_epochs >= self.cfg.early_stop_patience:
                 self.stop_reason = (
@@ -217,6 +227,17 @@ class Trainer:
                     f"(best {s.best_value:.4g} at epoch {s.best_epoch + 1})"
                 )
         self.save_checkpoint(best=improved)
+
+    def _warmup_note(self) -> str:
+        """The warm-up decision, when it is worth a log line: the cap shortened it, or early
+        stopping waits for it (an epoch ends inside it)."""
+        sched = self.scheduler
+        capped = warmup_capped(sched.cfg, sched.total_steps)
+        waits = bool(self.cfg.early_stop_patience) and sched.warmup_steps > sched.steps_per_epoch
+        if not (capped or waits):
+            return ""
+        note = describe_warmup(sched.cfg, sched.total_steps)
+        return note + ("; early stopping counts epochs after the warm-up" if waits else "")
 
     # ----------------------------------------------------------------------------------------
     # batches
@@ -391,14 +412,25 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        self._check_compatible(state, source)
-        try:
-            self.raw_model.load_state_dict(state["model"])
-        except RuntimeError as err:
+        # Every entry is checked before any is loaded: a refused checkpoint leaves the trainer as
+        # it was, and the user gets the entry's name instead of a KeyError from deep inside.
+        problem = self._state_problem(state)
+        if problem is None:
+            self._check_compatible(state, source)
+            mismatch = _weights_mismatch(self.raw_model.state_dict(), state["model"])
+            if mismatch:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {source} does not fit this model: {mismatch}. It was written by a "
+                    f"run with another model config; use trainer.resume=never or another run dir."
+                )
+            problem = self._optimizer_problem(state["optimizer"])
+        if problem is not None:
             raise ckpt.CheckpointError(
-                f"checkpoint {source} does not fit this model: {_first_lines(err)}. It was written "
-                f"by a run with another model config; use trainer.resume=never or another run dir."
-            ) from err
+                f"checkpoint {source} cannot be resumed: {problem}. It is damaged or was not "
+                f"written by this engine; delete it or pass another with trainer.resume=<path>, "
+                f"or start over with trainer.resume=never."
+            )
+        self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -420,10 +452,21 @@ class Trainer:
             if k in saved and saved[k] != v
         ]
         if changed:
+            restart = ""
+            if any(c.startswith(("optim.", "sched.")) for c in changed):
+                # The optimizer's and the schedule's state come back from the checkpoint, so a
+                # resume cannot honour new values of theirs: a new run from the weights can.
+                path_setting = self.cfg.resume not in ("auto", "never")
+                restart = (
+                    f" To train its weights with the new optimizer or schedule values, start a "
+                    f"new run from them: trainer.init_from={source} with a new hydra.run.dir"
+                    + (" and without trainer.resume=<path>" if path_setting else "")
+                    + " (the weights only: a fresh optimizer, schedule and counters)."
+                )
             raise ckpt.CheckpointError(
                 f"checkpoint {source} was written by a run whose config differs in what resuming "
                 f"depends on ({'; '.join(changed)}). Restore those values, or start over with "
-                f"trainer.resume=never (or another hydra.run.dir)."
+                f"trainer.resume=never (or another hydra.run.dir).{restart}"
             )
 
     def resume_from(self, path: Path) -> None:
@@ -435,6 +478,95 @@ class Trainer:
             self.state.batch_in_epoch,
             self.state.global_step,
         )
+
+    def init_weights_from(self, setting: str) -> None:
+        """``trainer.init_from``: the model weights of a checkpoint (a run dir: its best.pt, else
+        last.pt) and nothing else, so the optimizer, schedule and counters start fresh and
+        ``optim``/``sched`` values may differ from the run that wrote it."""
+        path, weights = ckpt.load_model_weights(setting)
+        mismatch = _weights_mismatch(self.raw_model.state_dict(), weights)
+        if mismatch:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} (trainer.init_from) does not fit this model: {mismatch}. Use "
+                f"the model config of the run that wrote it, or another checkpoint."
+            )
+        self.raw_model.load_state_dict(weights)
+        log.info(
+            "initialised the model weights from %s (trainer.init_from; the optimizer, schedule "
+            "and counters start fresh)",
+            path,
+        )
+
+    def _state_problem(self, state: dict[str, Any]) -> str | None:
+        """What makes ``state`` unusable as a trainer state (the entry and why), or None."""
+        kinds = {
+            "model": (dict, "a dict"),
+            "optimizer": (dict, "a dict"),
+            "scheduler": (dict, "a dict"),
+            "scaler": ((dict, type(None)), "a dict or null"),
+            "rng": (dict, "a dict"),
+            "fit": (dict, "a dict"),
+            "world_size": (int, "an integer"),
+            "config": (dict, "a dict"),
+        }
+        for key, (kind, wanted) in kinds.items():
+            if key not in state:
+                return f"entry '{key}' is missing"
+            if not isinstance(state[key], kind) or isinstance(state[key], bool):
+                return f"entry '{key}' is {_describe(state[key])}, not {wanted}"
+        for name, value in state["model"].items():
+            if not (isinstance(name, str) and isinstance(value, torch.Tensor)):
+                return f"entry 'model.{name}' is {_describe(value)}, not a tensor"
+        scaler = state["scaler"]
+        return (
+            _fit_problem(state["fit"])
+            or _layout_problem(state["scheduler"], self.scheduler.state_dict(), "scheduler")
+            or (
+                _layout_problem(scaler, self.scaler.state_dict(), "scaler")
+                if self.scaler is not None and scaler is not None
+                else None
+            )
+            or ckpt.rng_state_problem(state["rng"])
+        )
+
+    def _optimizer_problem(self, saved: dict[str, Any]) -> str | None:
+        """Whether ``saved`` is a state of this optimizer: its groups, their parameters, and
+        per-parameter tensors of their parameter's shape (torch checks only the counts)."""
+        groups, saved_groups = self.optimizer.param_groups, saved.get("param_groups")
+        if not isinstance(saved.get("state"), dict) or not isinstance(saved_groups, list):
+            return "entry 'optimizer' has no 'state' dict and 'param_groups' list"
+        if len(saved_groups) != len(groups):
+            return (
+                f"entry 'optimizer.param_groups' has {len(saved_groups)} groups, this "
+                f"optimizer {len(groups)}"
+            )
+        params: dict[int, torch.Tensor] = {}
+        for i, (saved_group, group) in enumerate(zip(saved_groups, groups, strict=True)):
+            ids = saved_group.get("params") if isinstance(saved_group, dict) else None
+            if not (
+                isinstance(ids, list)
+                and len(ids) == len(group["params"])
+                and all(type(j) is int for j in ids)
+            ):
+                return (
+                    f"entry 'optimizer.param_groups.{i}' does not list this group's "
+                    f"{len(group['params'])} parameters"
+                )
+            lr = saved_group.get("lr")
+            if not isinstance(lr, int | float) or isinstance(lr, bool):
+                return f"entry 'optimizer.param_groups.{i}.lr' is {_describe(lr)}, not a number"
+            params.update(zip(ids, group["params"], strict=True))
+        for j, per_param in saved["state"].items():
+            if j not in params or not isinstance(per_param, dict):
+                return f"entry 'optimizer.state.{j}' belongs to no parameter of this optimizer"
+            shape = params[j].shape
+            for name, value in per_param.items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != shape:
+                    return (
+                        f"entry 'optimizer.state.{j}.{name}' has shape {list(value.shape)}, its "
+                        f"parameter {list(shape)}"
+                    )
+        return None
 
     def save_checkpoint(self, best: bool = False) -> None:
         if not (self.is_main and self.cfg.save_checkpoints):
@@ -535,5 +667,85 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _first_lines(err: Exception, n: int = 3) -> str:
-    return " ".join(str(err).strip().splitlines()[:n])
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"the {type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _weights_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any]) -> str:
+    """The first tensor in which ``given`` differs from ``expected``, with shapes ("" if none)."""
+    for name, tensor in expected.items():
+        if name not in given:
+            return f"it has no {name} (shape {list(tensor.shape)} in this model)"
+        if given[name].shape != tensor.shape:
+            return (
+                f"{name} has shape {list(given[name].shape)} there, {list(tensor.shape)} in this "
+                f"model"
+            )
+    extra = next((name for name in given if name not in expected), None)
+    return f"it has {extra}, which this model lacks" if extra is not None else ""
+
+
+def _fit_problem(fit: dict[str, Any]) -> str | None:
+    """Whether ``fit`` holds every ``FitState`` counter, each of its field's kind."""
+    fields = {f.name: f for f in dataclasses.fields(FitState)}
+    unknown = next((k for k in fit if k not in fields), None)
+    if unknown is not None:
+        return f"entry 'fit.{unknown}' is not a counter of this engine"
+    for name, f in fields.items():
+        if name not in fit:
+            return f"entry 'fit.{name}' is missing"
+        value = fit[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(default, dict):
+            ok = isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in value.items()
+            )
+            kind = "a dict of metric values"
+        elif isinstance(default, int):
+            ok = type(value) is int and value >= min(default, 0)  # best_epoch starts at -1
+            kind = f"an integer >= {min(default, 0)}"
+        else:
+            ok = number or (default is None and value is None)
+            kind = "a number" + (" or null" if default is None else "")
+        if not ok:
+            return f"entry 'fit.{name}' is {_describe(value)}, not {kind}"
+    return None
+
+
+def _layout_problem(saved: Any, current: Any, entry: str) -> str | None:
+    """Whether ``saved`` has the layout of ``current``, a state this run produces itself: the
+    same keys, list lengths and kinds of value (an int counts as a float)."""
+    if isinstance(current, dict):
+        if not isinstance(saved, dict):
+            return f"entry '{entry}' is {_describe(saved)}, not a dict"
+        for key, value in current.items():
+            if key not in saved:
+                return f"entry '{entry}.{key}' is missing"
+            problem = _layout_problem(saved[key], value, f"{entry}.{key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(current, list | tuple):
+        if not isinstance(saved, list | tuple) or len(saved) != len(current):
+            return f"entry '{entry}' is {_describe(saved)}, not a list of {len(current)} values"
+        for i, (a, b) in enumerate(zip(saved, current, strict=True)):
+            problem = _layout_problem(a, b, f"{entry}.{i}")
+            if problem:
+                return problem
+        return None
+    if isinstance(current, bool):
+        kinds: tuple[type, ...] = (bool,)
+    elif isinstance(current, int | float):
+        kinds = (int,) if isinstance(current, int) else (int, float)
+        if isinstance(saved, bool):
+            kinds = ()
+    elif current is None:
+        return None
+    else:
+        kinds = (type(current),)
+    if not isinstance(saved, kinds):
+        return f"entry '{entry}' is {_describe(saved)}, not of the kind {type(current).__name__}"
+    return None

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import ConfigError
 from engine.data import DataInfo
 from engine.models import HeadModel
 
@@ -22,7 +23,7 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
         if width % heads:
-            raise ValueError(f"model.hidden={width} must be divisible by model.heads={heads}.")
+            raise ConfigError(f"model.hidden={width} must be divisible by model.heads={heads}.")
         self.heads = heads
         self.norm1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
@@ -71,7 +72,7 @@ class Trunk(nn.Module):
 
 def build_transformer(cfg: Any, info: DataInfo) -> HeadModel:
     if info.task != "lm":
-        raise ValueError(
+        raise ConfigError(
             "model=transformer is a language model: use it with data=text (token sequences); "
             "for tables use model=mlp."
         )

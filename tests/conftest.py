@@ -42,3 +42,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def make_unwritable(folder: Path) -> bool:
+    """Make ``folder`` refuse new files; False where this machine does not allow it."""
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute binds root too
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    probe = folder / ".probe"
+    try:
+        probe.write_text("x")
+    except OSError:
+        return True
+    probe.unlink()
+    return False
+
+
+def make_writable(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    folder.chmod(0o755)

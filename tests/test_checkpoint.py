@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -238,3 +241,165 @@ def test_a_torch_save_file_from_an_older_version_is_named_as_such(tmp_path):
     torch.save({"model": {"w": torch.ones(2)}}, path)
     with pytest.raises(ckpt.CheckpointError, match="another version of this engine.*torch.save"):
         ckpt.load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile files: refused from their header, without allocating what it claims.
+
+
+def rewrite_header(path, change):
+    """Apply ``change`` to the parsed header of the checkpoint at ``path``; keep its data (so
+    the CRC still matches)."""
+    header, data, _ = parse_by_the_documented_layout(path)
+    change(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def entry_of(header, shape):
+    return header[next(k for k, v in header.items() if k != "__metadata__" and v["shape"] == shape)]
+
+
+def set_skeleton_reference(header):
+    skeleton = json.loads(header["__metadata__"]["skeleton"])
+    skeleton["d"].append(["ghost", {"t": 999}])
+    header["__metadata__"]["skeleton"] = json.dumps(skeleton)
+
+
+def shift(spec, by):
+    spec["data_offsets"] = [spec["data_offsets"][0] + by, spec["data_offsets"][1] + by]
+
+
+HEADER_DAMAGE = {
+    "unknown dtype": (lambda h: entry_of(h, [3, 5]).update(dtype="C64"), "unknown dtype 'C64'"),
+    "negative dim": (lambda h: entry_of(h, [3, 5]).update(shape=[-3, -5]), "non-negative"),
+    "shape not ints": (lambda h: entry_of(h, [3, 5]).update(shape=[3.0, 5]), "non-negative"),
+    "size mismatch": (lambda h: entry_of(h, [3, 5]).update(shape=[3, 6]), "shape \\[3, 6\\]"),
+    "range past the data": (lambda h: shift(entry_of(h, [3, 5]), 10**12), "truncated"),
+    "overlap": (lambda h: shift(entry_of(h, [3, 5]), 4), "gap or overlap"),
+    "missing tensor": (set_skeleton_reference, "tensor 999"),
+}
+
+
+class Allocated(BaseException):
+    """Raised by a patched torch.empty: load allocated memory before refusing a file."""
+
+
+@pytest.mark.parametrize("damage", list(HEADER_DAMAGE))
+def test_a_damaged_header_is_refused_before_any_tensor_memory_is_allocated(
+    tmp_path, monkeypatch, damage
+):
+    change, reason = HEADER_DAMAGE[damage]
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic(sample_state(), path)
+    rewrite_header(path, change)
+
+    def refuse(*args, **kwargs):
+        raise Allocated
+
+    monkeypatch.setattr(ckpt.torch, "empty", refuse)
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {path} is corrupt.*{reason}"):
+        ckpt.load(path)
+
+
+# The reader of a hostile file must stay within this much of a process that only imported it.
+RSS_MARGIN_KIB = 100 * 1024
+APPARENT_SIZE = 1_500_000_000
+
+PEAK_RSS = """
+import resource, sys
+from engine import checkpoint as ckpt
+if len(sys.argv) > 1:
+    try:
+        ckpt.load(sys.argv[1])
+        print("loaded")
+    except ckpt.CheckpointError as err:
+        print(err)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+"""
+
+
+def peak_rss_kib(*args):
+    from conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    *message, peak = done.stdout.strip().splitlines()
+    return "\n".join(message), int(peak)
+
+
+@pytest.fixture(scope="module")
+def import_only_rss():
+    return peak_rss_kib()[1]
+
+
+def huge_header_length(f):
+    f.write((APPARENT_SIZE - 4096).to_bytes(8, "little"))
+    f.write(b'{"__metadata__": {"format": "engine-checkpoint-v3"')
+
+
+def consistent_header_of_a_huge_tensor(f):
+    skeleton = {"d": [["model", {"d": [["w", {"t": 0}]]}]]}
+    metadata = {"format": ckpt.FORMAT, "skeleton": json.dumps(skeleton), "crc32": "12345"}
+    n = APPARENT_SIZE // 4
+    header = {
+        "__metadata__": metadata,
+        "0": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]},
+    }
+    text = json.dumps(header).encode()
+    f.write(len(text).to_bytes(8, "little") + text)
+    return 8 + len(text) + 4 * n
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (huge_header_length, "header length .* exceeds the limit"),
+        (consistent_header_of_a_huge_tensor, "does not match its CRC-32"),
+    ],
+)
+def test_a_sparse_file_of_huge_apparent_size_is_refused_in_little_memory(
+    tmp_path, import_only_rss, make, reason
+):
+    path = tmp_path / "hostile.pt"
+    with open(path, "wb") as f:
+        f.truncate(make(f) or APPARENT_SIZE)
+    if path.stat().st_blocks * 512 > 2**20:
+        pytest.skip("this filesystem does not keep sparse files sparse")
+    message, peak = peak_rss_kib(path)
+    assert peak - import_only_rss < RSS_MARGIN_KIB, f"peak RSS {peak} KiB, {import_only_rss} idle"
+    assert re.search(f"checkpoint {re.escape(str(path))} is corrupt.*{reason}", message), message
+
+
+# --------------------------------------------------------------------------------------------
+# trainer.init_from: which file a setting names, and refusals of what is not a checkpoint.
+
+
+def test_init_from_a_run_dir_takes_its_best_checkpoint_else_its_last(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": torch.ones(2)}}, folder / "last.pt")
+    assert ckpt.init_source(str(tmp_path / "run")) == folder / "last.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": torch.zeros(2)}}, folder / "best.pt")
+    path, weights = ckpt.load_model_weights(str(tmp_path / "run"))
+    assert path == folder / "best.pt" and torch.equal(weights["w"], torch.zeros(2))
+    assert ckpt.init_source(str(folder / "last.pt")) == folder / "last.pt"
+
+
+def test_init_from_refuses_what_is_not_a_checkpoint_and_names_it(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="trainer.init_from=.*no checkpoint or run dir"):
+        ckpt.load_model_weights(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="has no checkpoints/best.pt or .*/last.pt"):
+        ckpt.load_model_weights(str(tmp_path / "empty"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="notes.txt is corrupt.*trainer.init_from=<"):
+        ckpt.load_model_weights(str(tmp_path / "notes.txt"))
+    ckpt.save_atomic({"format": ckpt.FORMAT, "epoch": 1}, tmp_path / "no_model.pt")
+    with pytest.raises(ckpt.CheckpointError, match="no_model.pt has no model weights"):
+        ckpt.load_model_weights(str(tmp_path / "no_model.pt"))

@@ -58,6 +58,33 @@ def test_override_key_check_covers_the_search_group_but_not_its_space():
     )
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-sc", "install=bash"],
+        ["--shell-completion", "query=bash"],
+        ["-cd", "dir/a=b", "-cn", "x=y", "-cp", "p=q"],
+        ["--config-dir", "a=b", "--config-name", "x=y", "--config-path", "p=q"],
+        ["--config-dir=a=b", "--config-n", "x=y"],  # argparse takes a unique prefix
+        ["-p", "trainer=x", "--package", "a=b", "-c", "job", "--cfg", "all"],
+        ["-i", "config", "--info", "defaults", "--experimental-rerun", "a=b.pickle"],
+    ],
+)
+def test_override_key_check_skips_hydras_options_and_their_values(args):
+    assert check_override_keys(args) is None
+
+
+def test_override_key_check_still_reads_an_override_after_a_flag():
+    assert "trainer.max_epocs" in check_override_keys(["-i", "trainer.max_epocs=3"])
+    assert "trainer.max_epocs" in check_override_keys(["--resolve", "trainer.max_epocs=3"])
+
+
+def test_validate_refuses_a_key_added_to_a_typed_group_but_not_to_the_search_space():
+    with pytest.raises(ConfigError, match="'trainer.max_epoch'.*Did you mean 'trainer.max_epochs'"):
+        validate(compose_train("+trainer.max_epoch=1"))
+    validate(compose_train("search=tpe"))  # search.params: config keys -> sweeps, a free dict
+
+
 def test_validate_names_the_key_of_a_bad_choice():
     cfg = compose_train("sched.name=cosin")
     with pytest.raises(ConfigError, match="sched.name='cosin'.*Did you mean 'cosine'"):

@@ -125,3 +125,23 @@ def test_distributed_ranks_share_out_each_epoch():
     evals = [BatchLoader(make_split(50), 4, shuffle=False, rank=r, world_size=3) for r in range(3)]
     counted = sum((sum((y.tolist() for _, y in loader), []) for loader in evals), [])
     assert sorted(counted) == list(range(50))  # evaluation counts each row exactly once
+
+
+def test_a_header_name_that_only_looks_like_a_pandas_copy_is_kept(tmp_path):
+    # 'label.1' written in the file is a real column, not a renamed repeat: nothing to refuse.
+    rows = ['"x,1",label,label.1'] + [f"{i},{i % 2},{i % 3}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    ds = build_dataset(data_cfg(name="csv", path=str(tmp_path / "t.csv"), target="label"))
+    assert ds.info.feature_names == ["x,1", "label.1"]
+
+
+def test_repeated_names_are_reported_as_written_with_their_positions(tmp_path):
+    from engine.data import DataError
+
+    rows = ["a,b,a,,,b,label"] + [f"{i},1,2,3,4,5,{i % 2}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as err:
+        build_dataset(data_cfg(name="csv", path=str(tmp_path / "t.csv"), target="label"))
+    message = str(err.value)
+    assert "'a' (columns 1, 3); 'b' (columns 2, 6)." in message
+    assert "a.1" not in message and "target" not in message  # pandas' names never show

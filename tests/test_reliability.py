@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import tb_reader
 import torch
-from conftest import REPO
+from conftest import REPO, make_unwritable, make_writable
 
 from engine import checkpoint as ckpt
 
@@ -171,37 +171,18 @@ def test_on_nan_skip_skips_the_step_and_finishes(cli, tmp_path):
     assert "step skipped (1 so far)" in result.stdout
 
 
-def _make_unwritable(folder: Path) -> bool:
-    folder.chmod(0o555)
-    if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute binds root too
-        subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
-    probe = folder / ".probe"
-    try:
-        probe.write_text("x")
-    except OSError:
-        return True
-    probe.unlink()
-    return False
-
-
-def _make_writable(folder: Path) -> None:
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
-    folder.chmod(0o755)
-
-
 def test_an_unwritable_checkpoint_folder_fails_clearly_and_keeps_the_old_checkpoint(cli, tmp_path):
     run_dir = tmp_path / "run"
     assert train(cli, run_dir, "trainer.max_epochs=1").returncode == 0
     folder = run_dir / "checkpoints"
     before = (folder / "last.pt").read_bytes()
-    if not _make_unwritable(folder):
-        _make_writable(folder)
+    if not make_unwritable(folder):
+        make_writable(folder)
         pytest.skip("cannot make a folder unwritable here (no chattr for root)")
     try:
         result = train(cli, run_dir, "trainer.max_epochs=2")
     finally:
-        _make_writable(folder)
+        make_writable(folder)
     assert result.returncode == 2
     assert (
         f"could not write checkpoint {folder / 'last.pt'}: the folder is not writable"
@@ -254,3 +235,163 @@ def test_resuming_with_a_changed_model_says_what_differs(cli, tmp_path):
     result = train(cli, run_dir, "model.hidden=64")
     assert result.returncode == 2
     assert "model.hidden: 32 -> 64" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A finished one-epoch run of the workload, read (never resumed) by the tests below."""
+    from conftest import run_cli
+
+    run_dir = tmp_path_factory.mktemp("one_epoch")
+    result = train(run_cli, run_dir, "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_resuming_with_changed_optimizer_or_schedule_values_is_refused(cli, tmp_path, one_epoch):
+    last = one_epoch / "checkpoints" / "last.pt"
+    result = train(
+        cli,
+        tmp_path / "run",
+        f"trainer.resume={last}",
+        "trainer.max_epochs=2",
+        "optim.lr=0.5",
+        "sched.min_lr_ratio=0.1",
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "optim.lr: 0.001 -> 0.5" in result.stdout
+    assert "sched.min_lr_ratio: 0.0 -> 0.1" in result.stdout
+    assert f"trainer.init_from={last}" in result.stdout  # the way to new values from these weights
+
+
+def test_init_from_starts_from_the_weights_only_and_a_rerun_resumes(cli, tmp_path, one_epoch):
+    run_dir = tmp_path / "finetune"
+    best = one_epoch / "checkpoints" / "best.pt"
+    # A learning rate so small that the weights after an epoch are still those it started from.
+    tuned = [f"trainer.init_from={one_epoch}", "optim.lr=1e-12"]
+    first = train(cli, run_dir, *tuned, "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"initialised the model weights from {best}" in first.stdout
+    assert "epoch 1/1" in first.stdout  # the counters started at 0: that epoch was trained
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    per_epoch = STEPS // 3  # WORKLOAD has 3 epochs
+    assert state["fit"]["global_step"] == per_epoch
+    assert state["scheduler"]["base_lrs"] == [1e-12, 1e-12]  # a fresh schedule at the new lr
+    assert state["optimizer"]["state"][0]["step"].item() == per_epoch  # a fresh optimizer
+    source = ckpt.load(best)["model"]
+    assert all(torch.allclose(state["model"][k], v, atol=1e-6) for k, v in source.items())
+
+    again = train(cli, run_dir, *tuned, "trainer.max_epochs=2")  # e.g. after a kill
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "not applied: resuming from" in again.stdout and "resumed from" in again.stdout
+    assert "initialised the model weights" not in again.stdout
+    assert ckpt.load(run_dir / "checkpoints" / "last.pt")["fit"]["global_step"] == 2 * per_epoch
+
+
+def test_init_from_weights_that_do_not_fit_the_model_names_the_tensor(cli, tmp_path, one_epoch):
+    last = one_epoch / "checkpoints" / "last.pt"
+    result = train(cli, tmp_path / "run", f"trainer.init_from={last}", "model.hidden=48")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: checkpoint {last} (trainer.init_from) does not fit this model" in result.stdout
+    assert "body.0.weight has shape [32, 64] there, [48, 64] in this model" in result.stdout
+
+
+def _set(entry: str, value):
+    def corrupt(state):
+        *parents, leaf = entry.split(".")
+        node = state
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+
+    return corrupt
+
+
+def _drop(entry: str):
+    return lambda state: state.pop(entry)
+
+
+def _shorten_python_words(state):
+    words = state["rng"]["python"]["words"]
+    state["rng"]["python"]["words"] = words[:-1]  # as another Python's random state might be
+
+
+BAD_CONTENTS = {
+    "optimizer": _drop("optimizer"),
+    "fit": _set("fit", "epoch 1, step 10"),
+    "rng.python": _shorten_python_words,
+    "rng.numpy": _set("rng.numpy.kind", "PCG64"),
+}
+
+
+@pytest.mark.parametrize("entry", list(BAD_CONTENTS))
+def test_a_checkpoint_with_bad_contents_is_refused_naming_the_entry(
+    cli, tmp_path, one_epoch, entry
+):
+    state = ckpt.load(one_epoch / "checkpoints" / "last.pt")
+    BAD_CONTENTS[entry](state)
+    bad = tmp_path / "bad.pt"
+    ckpt.save_atomic(state, bad)  # a correct CRC: only the contents are wrong
+    result = train(cli, tmp_path / "run", f"trainer.resume={bad}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: checkpoint {bad} cannot be resumed: entry '{entry}'" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def fresh_trainer(tmp_path_factory):
+    """The workload's trainer built in this process (nothing trained), to load states into."""
+    from hydra import compose, initialize_config_dir
+
+    from engine.train import build_job
+
+    overrides = [*WORKLOAD, "trainer.resume=never"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    job = build_job(cfg, tmp_path_factory.mktemp("in_process"), hparams_session=False)
+    yield job.trainer
+    job.logger.close()
+
+
+def _shorten(entry: str):
+    def corrupt(state):
+        *parents, leaf = entry.split(".")
+        node = state
+        for key in parents:
+            node = node[int(key) if isinstance(node, list) else key]
+        node[leaf] = node[leaf][:-1]
+
+    return corrupt
+
+
+def _reshape_first_moment(state):
+    state["optimizer"]["state"][0] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2, 2)}
+
+
+MORE_BAD_CONTENTS = {
+    **BAD_CONTENTS,
+    "fit.global_step": _set("fit.global_step", "10"),
+    "fit.epochs": _set("fit.epochs", 1),
+    "world_size": _set("world_size", "1"),
+    "scaler": _set("scaler", "none"),
+    "scheduler.base_lrs": _shorten("scheduler.base_lrs"),
+    "rng.torch": _shorten("rng.torch"),
+    "optimizer.param_groups": _shorten("optimizer.param_groups"),
+    "optimizer.state.0.exp_avg": _reshape_first_moment,
+}
+
+
+@pytest.mark.parametrize("entry", list(MORE_BAD_CONTENTS))
+def test_bad_contents_are_refused_before_any_of_the_state_is_loaded(tmp_path, fresh_trainer, entry):
+    trainer = fresh_trainer
+    path = tmp_path / "bad.pt"
+    ckpt.save_atomic(trainer.state_dict(), path)
+    state = ckpt.load(path)  # a copy of the trainer's own state, then damaged
+    state["model"] = {k: torch.full_like(v, 7.0) for k, v in state["model"].items()}
+    MORE_BAD_CONTENTS[entry](state)
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        trainer.load_state_dict(state, path)
+    assert f"checkpoint {path} cannot be resumed: entry '{entry}'" in str(refused.value)
+    after = trainer.raw_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the weights were not loaded
+    assert not trainer.optimizer.state and trainer.state.global_step == 0

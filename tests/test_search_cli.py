@@ -88,30 +88,6 @@ def test_grid_with_two_workers_runs_each_combination_exactly_once(cli, tmp_path)
     assert states(s) == ["complete"] * 6
 
 
-@pytest.mark.parametrize("preset", ["random", "gp", "cmaes", "nsga2"])
-def test_every_sampler_runs_a_small_sweep(cli, tmp_path, preset):
-    """Every preset through the CLI (tpe and grid above): its default space, its seed."""
-    s = tmp_path / "S"
-    result = sweep(
-        cli,
-        f"search={preset}",
-        "search.n_trials=5",
-        "trainer.max_epochs=2",
-        *FAST,
-        f"hydra.sweep.dir={s}",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    table = rows(s)
-    assert len(table) == 5 and states(s) == ["complete"] * 5
-    assert f"({preset}, pruner none," in result.stdout
-    # The sampler explores (NSGA-II's offspring may inherit a parent's value).
-    assert len({r["params_optim.lr"] for r in table}) >= 4
-    if preset == "nsga2":  # two objectives: a value per metric and a Pareto front
-        assert {"val/acc", "val/ece"} <= set(table[0])
-        assert "Pareto front" in result.stdout and (s / "pareto.csv").exists()
-    assert (s / "best.yaml").exists()
-
-
 def test_hyperband_prunes_in_the_middle_of_a_trial(cli, tmp_path):
     """(median: the first test; none, the default: the sampler tests.)"""
     s = tmp_path / "hb"

@@ -190,3 +190,37 @@ def test_gradient_accumulation_steps_the_optimizer_every_n_batches(cli, tmp_path
     assert result.returncode == 0, result.stderr
     state = ckpt.load(run_dir / "checkpoints" / "last.pt")
     assert state["fit"]["global_step"] == 2 * 4  # 10 batches an epoch -> steps after 3, 6, 9, 10
+
+
+def test_a_huge_max_epochs_still_learns_and_stops_when_it_stops_improving(cli, tmp_path):
+    # 5% of 4M planned steps would be a 200k-step warm-up: the run would early-stop at epoch 4
+    # with the lr near zero. The cap makes it 1000 steps (25 epochs of 40 batches).
+    run_dir = tmp_path / "run"
+    result = cli(
+        "data=digits",
+        "trainer.max_epochs=100000",
+        "trainer.early_stop_patience=3",
+        "trainer.progress=none",
+        "trainer.device=cpu",
+        "trainer.num_threads=1",  # a 26k-param MLP: a second thread only adds contention
+        "data.batch_size=32",
+        f"hydra.run.dir={run_dir}",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    note = (
+        "warm-up: 1000 steps (5% of 4000000 planned steps, capped by "
+        "sched.warmup_max_steps=1000); early stopping counts epochs after the warm-up"
+    )
+    assert result.stdout.count(note) == 1, result.stdout
+    assert "early stop: val/acc has not improved for 3 epochs" in result.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["test/acc"] > 0.9
+    assert note in (run_dir / "train.log").read_text()
+
+
+def test_a_run_of_ordinary_length_logs_no_warmup_line(cli, tmp_path):
+    result = cli(
+        "trainer.max_epochs=2", "trainer.progress=none", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warm-up" not in result.stdout

@@ -28,6 +28,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
+from engine import redact
 from engine.config import ConfigError, check_override_keys, validate
 from engine.search import storage as st
 from engine.search import summary
@@ -177,7 +178,9 @@ def plan(config: DictConfig, arguments: list[str], hydra_context: Any = None) ->
         config_dir=config_dir,
         config_name=str(config.hydra.job.config_name),
         search_path=search_path,
-        fixed=fixed,
+        # Every trial's config, its .hydra/ files and TensorBoard text are made from these: a
+        # password in them (search.storage=postgresql://u:pw@...) is masked here, once.
+        fixed=[redact.mask(o) for o in fixed],
         space={n: p.to_dict() for n, p in space.items()},
         sampler=s.sampler,
         seed=int(s.seed),
@@ -205,6 +208,7 @@ def open_study(
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions)
+        _name_metrics(study, spec.metrics)
         return study, False
     from engine.search.tb import direction_names
 
@@ -214,7 +218,20 @@ def open_study(
             f"study {name!r} optimises {had} but this sweep asks for {spec.directions} "
             f"(search.metric/direction); use another search.study_name or hydra.sweep.dir."
         )
+    _name_metrics(study, spec.metrics)  # also names a study created before they were set
     return study, True
+
+
+def _name_metrics(study: optuna.Study, metrics: list[str]) -> None:
+    """optuna-dashboard (and ``trials_dataframe``) label the objectives with these names
+    instead of "Objective 0"."""
+    import warnings
+
+    if study.metric_names == metrics:
+        return
+    with warnings.catch_warnings():  # experimental (Optuna 3.2+): no warning on every sweep
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(metrics))
 
 
 def _worker_count(requested: int | None, waiting: int) -> tuple[int, list[str]]:
@@ -230,29 +247,38 @@ def _worker_count(requested: int | None, waiting: int) -> tuple[int, list[str]]:
     return max(1, min(n, waiting)), gpus
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+def _threads_each(n: int) -> int:
+    """CPU threads per worker when ``n`` workers share this machine's cores."""
+    return max(1, st.cpu_count() // n)
+
+
+def _say_threads(threads: int) -> str:
+    return f", {threads} thread{'s' if threads > 1 else ''} each" if threads else ""
 
 
 class Workers:
-    """Worker subprocesses on this machine: one per GPU (pinned), or CPU cores shared out."""
+    """Worker subprocesses on this machine: one per GPU (pinned), or CPU cores shared out.
+
+    A storage URL with a password reaches them through their environment; their command line
+    (which every local user can read) shows it masked.
+    """
 
     def __init__(self, storage_arg: str, study_name: str, n: int, gpus: list[str]):
         self.storage_arg, self.study_name, self.n, self.gpus = storage_arg, study_name, n, gpus
-        self.threads = max(1, _cpu_count() // n) if not gpus else 0
+        self.threads = _threads_each(n) if not gpus else 0
         self.procs: dict[int, subprocess.Popen] = {}
 
     def start(self, k: int) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if redact.has_secret(self.storage_arg):
+            env[st.STORAGE_ENV] = self.storage_arg
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[k % len(self.gpus)]
         else:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
-        cmd = [sys.executable, "-m", "engine.search.worker", "--storage", self.storage_arg]
-        cmd += ["--study", self.study_name, "--worker", str(k), "--threads", str(self.threads)]
+        cmd = [sys.executable, "-m", "engine.search.worker"]
+        cmd += ["--storage", redact.mask(self.storage_arg), "--study", self.study_name]
+        cmd += ["--worker", str(k), "--threads", str(self.threads), "--quiet"]
         self.procs[k] = subprocess.Popen(cmd, env=env)
 
     def exited(self) -> list[tuple[int, int]]:
@@ -291,6 +317,47 @@ def _waiting(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
+class Progress:
+    """What the sweep command shows while its workers run, read from the study, so it is the
+    same whether they run here as processes or elsewhere as launcher jobs: a console line per
+    finished trial, and the reports (summary.csv, best.yaml, the study's TensorBoard run, whose
+    HPARAMS columns put the swept params first) rewritten as trials finish, at most every
+    ``REPORT_EVERY_S``, so ``tensorboard --logdir <sweep dir>`` shows the sweep as it goes."""
+
+    REPORT_EVERY_S = 10.0
+
+    def __init__(self, study: optuna.Study, spec: Spec, sweep_dir: Path):
+        self.study, self.spec, self.sweep_dir = study, spec, sweep_dir
+        self.since = dt.datetime.fromisoformat(spec.session)
+        self.printed: set[int] = set()
+        self.reported_at = 0.0
+        self.unreported = True
+
+    def update(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+        from engine.search.worker import trial_line
+
+        done = [
+            t
+            for t in trials
+            if t.state in st.FINISHED
+            and t.number not in self.printed
+            and t.datetime_complete is not None
+            and t.datetime_complete >= self.since
+            and not t.user_attrs.get("interrupted")  # reported by the recovery instead
+        ]
+        for t in sorted(done, key=lambda t: (t.datetime_complete, t.number)):
+            self.printed.add(t.number)
+            print(trial_line(t, self.spec), flush=True)
+        self.unreported = self.unreported or bool(done)
+        if self.unreported and time.monotonic() - self.reported_at >= self.REPORT_EVERY_S:
+            self.report()
+
+    def report(self) -> tuple[str, optuna.trial.FrozenTrial | None]:
+        """Rewrite the reports now; return the leaderboard and the best trial."""
+        self.reported_at, self.unreported = time.monotonic(), False
+        return summary.write_all(self.study, self.spec, self.sweep_dir)
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -301,23 +368,23 @@ def run_processes(
     spec: Spec,
     storage_arg: str,
     n_workers: int | None,
+    progress: Progress,
 ) -> Workers:
     """Start the workers and wait until they exit or every trial of the budget has finished
     (then the summary need not wait for the workers' interpreters to shut down: ``join``)."""
     n, gpus = _worker_count(n_workers, _waiting(study))
     where = f"GPUs {','.join(gpus)}" if gpus else "CPU"
     workers = Workers(storage_arg, study.study_name, n, gpus)
-    threads = (
-        f", {workers.threads} thread{'s' if workers.threads > 1 else ''} each" if not gpus else ""
-    )
-    say(f"{n} worker{'s' if n > 1 else ''} on {where}{threads}")
+    say(f"{n} worker{'s' if n > 1 else ''} on {where}{_say_threads(workers.threads)}")
     for k in range(n):
         workers.start(k)
     restarts, max_restarts = 0, 2 * n + 2
     study_id = storage.get_study_id_from_name(study.study_name)
 
     def spent() -> bool:
-        counted, running, waiting = st.budget(storage.get_all_trials(study_id, deepcopy=False))
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        progress.update(trials)
+        counted, running, waiting = st.budget(trials)
         return counted >= spec.n_trials and not running and not waiting
 
     def failing() -> bool:
@@ -366,27 +433,63 @@ def run_launcher(
     hydra_context: Any,
     task_function: Any,
     waiting: int,
+    storage: optuna.storages.BaseStorage,
+    progress: Progress,
 ) -> None:
     """One job per worker through the configured Hydra launcher (SLURM, joblib, ...): each job
-    runs ``engine.train.main``, which sees ``search.worker`` and runs the worker loop."""
+    runs ``engine.train.main``, which sees ``search.worker`` and runs the worker loop.
+
+    The launcher waits for its jobs on a thread of its own while this one prints each trial's
+    line from the study, as in process mode. CPU threads per job: the launcher's
+    ``cpus_per_task`` when it sets one, else this machine's cores shared out (as process mode
+    does; a job on another machine takes no more than the CPUs it was given). A password in the
+    storage URL reaches the jobs through the environment they inherit, never through their
+    overrides or the launcher's pickled config (a file in the sweep dir with submitit).
+    """
+    import threading
+
     from hydra.core.plugins import Plugins
 
     n = max(1, min(n_workers or 1, waiting))
+    cpus = OmegaConf.select(config, "hydra.launcher.cpus_per_task", default=None)
+    threads = int(cpus) if cpus else _threads_each(n)
+    if redact.has_secret(storage_arg):
+        os.environ[st.STORAGE_ENV] = storage_arg
     launcher = Plugins.instance().instantiate_launcher(
-        hydra_context=hydra_context, task_function=task_function, config=config
+        hydra_context=hydra_context, task_function=task_function, config=redact.scrub(config)
     )
-    say(f"{n} worker job{'s' if n > 1 else ''} through {config.hydra.launcher._target_}")
+    say(
+        f"{n} worker job{'s' if n > 1 else ''} through {config.hydra.launcher._target_}"
+        f"{_say_threads(threads)}"
+    )
     jobs = [
         [
             *spec.fixed,
             f"search.worker={k}",
-            f"search.storage={_quote(storage_arg)}",
+            f"search.worker_threads={threads}",
+            f"search.storage={_quote(redact.mask(storage_arg))}",
             f"search.study_name={_quote(study_name)}",
             f"hydra.sweep.subdir=workers/worker_{k}",
         ]
         for k in range(n)
     ]
-    for result in launcher.launch(jobs, initial_job_idx=0):
+    outcome: dict[str, Any] = {}
+
+    def launch() -> None:
+        try:
+            outcome["results"] = launcher.launch(jobs, initial_job_idx=0)
+        except BaseException as err:  # re-raised on the driver's thread
+            outcome["error"] = err
+
+    waiter = threading.Thread(target=launch, name="launcher", daemon=True)
+    waiter.start()
+    study_id = storage.get_study_id_from_name(study_name)
+    while waiter.is_alive():
+        waiter.join(timeout=0.5)
+        progress.update(storage.get_all_trials(study_id, deepcopy=False))
+    if "error" in outcome:
+        raise outcome["error"]
+    for result in outcome.get("results", []):
         try:
             _ = result.return_value
         except Exception as err:  # the job's trials are recovered below
@@ -421,7 +524,9 @@ def run_sweep(
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    # What Hydra's own sweeper writes, minus secrets (a password in search.storage is masked;
+    # an ${oc.env:...} URL stays unresolved).
+    OmegaConf.save(redact.scrub(config), sweep_dir / "multirun.yaml")
     study_id = storage.get_study_id_from_name(study_name)
     if resumed:
         try:
@@ -442,8 +547,10 @@ def run_sweep(
         f"{spec.n_trials} trials, {counted} done, {waiting} to run"
         + (f", {running} running elsewhere" if running else "")
     )
-    say(f"sweep dir {sweep_dir}  storage {storage_arg}")
+    say(f"sweep dir {sweep_dir}  storage {redact.mask(storage_arg)}")
     workers: Workers | None = None
+    progress = Progress(study, spec, sweep_dir)
+    progress.report()
     if waiting:
         mode = s.launch
         if mode == "auto":
@@ -459,15 +566,18 @@ def run_sweep(
                     hydra_context,
                     task_function,
                     waiting,
+                    storage,
+                    progress,
                 )
             else:
-                workers = run_processes(study, storage, spec, storage_arg, s.n_workers)
+                workers = run_processes(study, storage, spec, storage_arg, s.n_workers, progress)
         except KeyboardInterrupt:
             st.recover(study, storage)
-            summary.write_all(study, spec, sweep_dir)
+            progress.report()
             sys.exit(130)
         st.recover(study, storage)
-    board, best = summary.write_all(study, spec, sweep_dir)
+        progress.update(study.get_trials(deepcopy=False))
+    board, best = progress.report()
     trials = study.get_trials(deepcopy=False)
     print(board, flush=True)
     say(f"took {time.perf_counter() - started:.1f}s; summary: {sweep_dir / 'summary.csv'}")

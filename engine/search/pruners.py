@@ -1,10 +1,19 @@
 """Pruners by name, and the epoch callback that lets a trial's run report to its Optuna trial.
 
-The trainer calls ``epoch_callback(epoch, metrics)`` after every epoch; :class:`Reporter` reports
-the objective at step ``epoch`` and raises :class:`Pruned` when the pruner says so. The run then
-stops, and ``engine.train.finish_job`` writes the TensorBoard session with the exception's
+The trainer calls ``epoch_callback(epoch, metrics, final=...)`` after every epoch;
+:class:`Reporter` reports the objective at step ``epoch + 1`` (the number of epochs done: the
+resource Hyperband counts, from 1 like its ``min_resource``) and raises :class:`Pruned` when the pruner says so. The
+run then stops, and ``engine.train.finish_job`` writes the TensorBoard session with the exception's
 ``hparams_status`` (the HPARAMS API has no "pruned" status; the sweep also records the state as
-the ``trial.state`` hparam).
+the ``trial.state`` hparam). A trial's final epoch is reported but never pruned: the run is done,
+and pruning it then would only throw away its test metrics.
+
+Where pruning can happen (``trainer.max_epochs`` = R, epochs counted from 1):
+
+- ``median``: after any epoch from the 2nd on, once 4 trials have completed.
+- ``hyperband`` (reduction factor 3, min resource 1): Optuna's brackets s = 0 .. floor(log3 R);
+  bracket s has its rungs at epochs 3**s, 3**(s+1), ... below R (bracket 0: epochs 1, 3, 9, 27, ...;
+  the last bracket runs every trial to the end).
 """
 
 from __future__ import annotations
@@ -23,14 +32,16 @@ def make_pruner(name: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if name == "median":
         # Prune a trial whose value at an epoch is worse than the median of earlier trials at the
-        # same epoch, once 4 trials have finished and after its first epoch.
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+        # same epoch, once 4 trials have finished, from its second epoch on (steps count epochs
+        # done, so step 1 is the first epoch, noisier than the rest).
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
     if name == "hyperband":
-        # Steps are epochs (0-based); the budget is the trial's trainer.max_epochs when fixed.
+        # Steps are epochs done (1-based, as min_resource=1 counts); the budget is the trials'
+        # trainer.max_epochs when fixed, so the last bracket's rung is the final epoch.
         return optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource=max_epochs or "auto", reduction_factor=3
         )
-    raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+    raise ConfigError(f"search.pruner={name!r} is unknown; choose one of {', '.join(PRUNERS)}")
 
 
 class Pruned(optuna.TrialPruned):
@@ -56,7 +67,7 @@ class Reporter:
         self.last: dict[str, float] = {}
         self.epochs = 0
 
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+    def __call__(self, epoch: int, metrics: dict[str, float], final: bool = False) -> None:
         self.last, self.epochs = dict(metrics), epoch + 1
         # test/ metrics exist only at the end: nothing to check or report per epoch.
         missing = [m for m in self.metrics if m not in metrics and not m.startswith("test/")]
@@ -70,6 +81,6 @@ class Reporter:
         value = float(metrics[self.metrics[0]])
         if not math.isfinite(value):
             return
-        self.trial.report(value, epoch)
-        if self.trial.should_prune():
+        self.trial.report(value, self.epochs)
+        if not final and self.trial.should_prune():
             raise Pruned(epoch, value)

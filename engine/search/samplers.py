@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import optuna
 
+from engine.config import ConfigError
+
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 
 
@@ -41,4 +43,4 @@ def make_sampler(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSam
     if name == "nsga2":
         population = max(4, min(50, n_trials // 4))
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    raise ConfigError(f"search.sampler={name!r} is unknown; choose one of {', '.join(SAMPLERS)}")

@@ -33,6 +33,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from engine.config import ConfigError
 from engine.search.space import grid
 from engine.search.spec import SPEC_ATTR, Spec
 
@@ -44,9 +45,37 @@ MAX_ATTEMPTS = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
+# The storage URL as workers receive it when it carries a password: in their environment
+# (readable by the same user only), never on their command line (readable by all in ``ps``).
+STORAGE_ENV = "ENGINE_SEARCH_STORAGE"
+
+
 def storage_arg(storage: str | None, sweep_dir: Path) -> str:
     """The storage as given to workers: the URL, or the journal file's absolute path."""
     return storage if storage else str((Path(sweep_dir) / JOURNAL).resolve())
+
+
+def resolve_storage(given: str | None) -> str:
+    """The usable storage URL from what a worker was given: a plain URL or path as it is; a
+    masked URL (``postgresql://u:***@host/db``) or none at all from ``$ENGINE_SEARCH_STORAGE``."""
+    from engine.redact import is_masked, mask
+
+    real = os.environ.get(STORAGE_ENV)
+    if given is None:
+        if not real:
+            raise ConfigError(
+                f"no storage: pass --storage URL, or put the URL in the environment variable "
+                f"{STORAGE_ENV} (the way to hand over a URL with a password)."
+            )
+        return real
+    if not is_masked(given):
+        return given
+    if real and mask(real) == given:
+        return real
+    raise ConfigError(
+        f"the storage {given} has its password masked; put the full URL in the environment "
+        f"variable {STORAGE_ENV} (the sweep command does this for the workers it starts)."
+    )
 
 
 def _driver_url(url: str) -> str:
@@ -61,21 +90,36 @@ def _driver_url(url: str) -> str:
 
 
 def open_storage(arg: str) -> optuna.storages.BaseStorage:
-    if "://" in arg:
-        arg = _driver_url(arg)
-        kwargs: dict[str, Any] = {}
-        if arg.startswith("sqlite"):
-            # Several processes write one SQLite file: wait for its lock instead of failing.
-            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-        return optuna.storages.RDBStorage(arg, **kwargs)
-    path = Path(arg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A process killed while appending leaves the lock behind; break it after 10 s (appends take
-    # milliseconds) rather than Optuna's default 30.
-    lock = optuna.storages.journal.JournalFileSymlinkLock(str(path), grace_period=10)
-    return optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
-    )
+    """The storage at ``arg``; one that cannot be opened (no server there, a wrong password, no
+    such database, no driver for the URL's scheme, an unwritable journal folder) is a
+    ConfigError naming ``search.storage`` with its password masked."""
+    from engine.redact import mask
+
+    try:
+        if "://" in arg:
+            url = _driver_url(arg)
+            kwargs: dict[str, Any] = {}
+            if url.startswith("sqlite"):
+                # Several processes write one SQLite file: wait for its lock instead of failing.
+                kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+            return optuna.storages.RDBStorage(url, **kwargs)
+        path = Path(arg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A process killed while appending leaves the lock behind; break it after 10 s (appends
+        # take milliseconds) rather than Optuna's default 30.
+        lock = optuna.storages.journal.JournalFileSymlinkLock(str(path), grace_period=10)
+        return optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
+        )
+    except Exception as err:  # SQLAlchemy's and the DB drivers' many types, OSError, ImportError
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = mask(lines[0] if lines else type(err).__name__)
+        raise ConfigError(
+            f"search.storage={mask(arg)} could not be opened: {cause}. Check the URL (scheme, "
+            f"host, port, user, password, database name) and that the server is running and "
+            f"reachable from here; or leave search.storage unset for a journal file in the "
+            f"sweep dir."
+        ) from err
 
 
 def save_spec(storage: optuna.storages.BaseStorage, study_id: int, spec: Spec) -> None:
@@ -205,6 +249,14 @@ def claim(storage: optuna.storages.BaseStorage, study_id: int) -> FrozenTrial | 
 
 
 HOST = socket.gethostname()
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (a SLURM job's allocation, a taskset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _proc_start(pid: int) -> str | None:

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import os
+import re
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,8 +115,7 @@ def write_csv(path: Path, trials: Sequence[FrozenTrial], spec: Spec) -> None:
     header = ["number", "state", *values, "duration_s"]
     header += [f"params_{p}" for p in params] + metric_keys
     header += ["fail_reason", "retry_of", "run_dir"]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with io.StringIO(newline="") as f:
         out = csv.writer(f)
         out.writerow(header)
         for t in rows:
@@ -130,7 +133,42 @@ def write_csv(path: Path, trials: Sequence[FrozenTrial], spec: Spec) -> None:
                     str(trial_dir(t, spec, path.parent)),
                 ]
             )
-    tmp.replace(path)
+        replace_file(path, f.getvalue())
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all, also with other writers of the same file at the same
+    time (two sweep commands on one sweep dir): each writes its own temporary file in the same
+    folder, then renames it over ``path``. Opened exclusively rather than with ``tempfile`` so
+    that it gets the umask's permissions, as the file it replaces did."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("x", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_INTERPOLATION = re.compile(r"(\\*)\$\{")
+
+
+def escape_interpolations(text: str) -> str:
+    """The YAML value that OmegaConf reads back as exactly ``text``: each ``${`` becomes the
+    escaped ``\\${``, and the backslashes right before it are doubled (OmegaConf reads ``\\\\``
+    there as one backslash). Backslashes anywhere else are read as they are."""
+    return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", text)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_interpolations(value)
+    if isinstance(value, dict):
+        return {k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
 
 
 def write_best_yaml(path: Path, t: FrozenTrial, spec: Spec, sweep_dir: Path) -> bool:
@@ -138,7 +176,9 @@ def write_best_yaml(path: Path, t: FrozenTrial, spec: Spec, sweep_dir: Path) -> 
     source = trial_dir(t, spec, sweep_dir) / ".hydra" / "config.yaml"
     if not source.exists():
         return False
-    cfg = OmegaConf.to_container(OmegaConf.load(source), resolve=True)
+    # Resolved, each value is what the trial ran with; a string that held an escaped ${...}
+    # (a file name with "${" in it) is escaped again, or loading best.yaml would resolve it.
+    cfg = _escaped(OmegaConf.to_container(OmegaConf.load(source), resolve=True))
     cfg["search"] = None
     # The primary config's defaults bring the schema (train_schema) and the hydra settings
     # (run dir, logging); _self_ then sets every key to the trial's value.
@@ -149,9 +189,7 @@ def write_best_yaml(path: Path, t: FrozenTrial, spec: Spec, sweep_dir: Path) -> 
         f"# Best trial of the sweep: trial {t.number} ({values}).\n"
         f"# Reproduce it: python -m engine.train --config-dir {sweep_dir} --config-name best\n"
     )
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + OmegaConf.to_yaml(body))
-    tmp.replace(path)
+    replace_file(path, header + OmegaConf.to_yaml(body))
     return True
 
 
@@ -216,9 +254,8 @@ def write_all(study: optuna.Study, spec: Spec, sweep_dir: Path) -> tuple[str, Fr
     board = leaderboard(study, spec)
     sample = best or next((t for t in trials if t.state == TrialState.COMPLETE), None)
     run_dir = trial_dir(sample, spec, sweep_dir) if sample is not None else None
-    examples = {
-        name: p.choices[0] if p.kind == "choice" else p.low for name, p in spec.params().items()
-    }
+    space = spec.params()
+    examples = {name: p.choices[0] if p.kind == "choice" else p.low for name, p in space.items()}
     write_study_run(
         sweep_dir,
         trials,
@@ -228,6 +265,7 @@ def write_all(study: optuna.Study, spec: Spec, sweep_dir: Path) -> tuple[str, Fr
         config_hparams=_config_hparams(run_dir),
         metric_tags=spec.metric_tags,
         leaderboard=board,
+        choices={name: p.choices for name, p in space.items() if p.kind == "choice"},
     )
     return board, best
 
@@ -237,13 +275,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m engine.search.summary",
         description="Write summary.csv, best.yaml and the study TensorBoard run of a sweep.",
     )
-    parser.add_argument("--storage", required=True, help="Optuna URL, or a journal file path")
+    parser.add_argument(
+        "--storage",
+        help=f"Optuna URL, or a journal file path (default: ${st.STORAGE_ENV}, the way to pass a "
+        f"URL with a password)",
+    )
     parser.add_argument("--study", required=True, help="study name (search.study_name)")
     parser.add_argument("--sweep-dir", help="where to write (default: the study's sweep dir)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = st.open_storage(args.storage)
     try:
+        storage = st.open_storage(st.resolve_storage(args.storage))
         study = optuna.load_study(study_name=args.study, storage=storage)
         spec = st.load_spec(storage, storage.get_study_id_from_name(args.study))
     except (KeyError, ValueError) as err:

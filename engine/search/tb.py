@@ -5,8 +5,8 @@
   as hparams, its status (success; unknown for pruned, as the API has no "pruned"; failure), and a
   ``trial/value`` scalar (the objective, or the last reported value of a pruned trial).
 - ``<sweep dir>/study/`` holds the one experiment summary of the sweep (which hparams and metrics
-  the dashboard shows as columns, ``trial.state`` and the params first) and the study's curves
-  over finished trials: ``study/value``, ``study/best_value`` (best so far), the running counts of
+  the dashboard shows as columns: the params and ``trial.state`` first, marked as differing, and
+  the objectives first among the metrics) and the study's curves over finished trials: ``study/value``, ``study/best_value`` (best so far), the running counts of
   complete, pruned and failed trials, and the leaderboard as text. It is rewritten whole each time
   the sweep command ends, so a resumed sweep has one curve.
 """
@@ -41,6 +41,10 @@ def write_trial_session(
         writer.close()
 
 
+STATES = ("complete", "pruned", "failed")
+"""The ``trial.state`` values a finished trial's session can have."""
+
+
 def _example(value: Any) -> Any:
     return value if isinstance(value, bool | int | float | str) else str(value)
 
@@ -55,19 +59,35 @@ def write_study_run(
     config_hparams: Mapping[str, Any],
     metric_tags: list[str],
     leaderboard: str,
+    choices: Mapping[str, Sequence[Any]] | None = None,
 ) -> Path:
-    """(Re)write ``<sweep dir>/study``; ``params`` maps each param to an example value."""
+    """(Re)write ``<sweep dir>/study``; ``params`` maps each param to an example value,
+    ``choices`` each choice param to its values."""
     run_dir = Path(sweep_dir) / STUDY_RUN
     run_dir.mkdir(parents=True, exist_ok=True)
     for old in run_dir.glob("events.out.tfevents.*"):
-        old.unlink()
+        old.unlink(missing_ok=True)  # another sweep command may be rewriting it too
     hparams: dict[str, Any] = {"trial.state": "complete", "trial.number": 0}
     hparams.update({k: _example(v) for k, v in params.items()})
     hparams.update({k: v for k, v in config_hparams.items() if k not in hparams})
-    tags = ["trial/value", *[t for t in metric_tags if t != "trial/value"]]
+    # The dashboard shows the first five hparams by (not differs, name): the swept params and
+    # trial.state must come before the constants. trial.number varies too but is left out, as
+    # it would sort before trial.state and take its place.
+    differs = {*params, "trial.state"}
+    discrete: dict[str, Sequence[Any]] = {"trial.state": STATES}
+    for name, values in (choices or {}).items():
+        # A string or bool choice (a config group: model=choice(mlp,cnn)) gets a checkbox
+        # filter, as TensorBoard gives such hparams; numbers keep their min/max filter.
+        if values and (
+            all(isinstance(v, str) for v in values) or all(isinstance(v, bool) for v in values)
+        ):
+            discrete[name] = list(values)
+    # It also shows the first five metrics in this order: the objectives first.
+    tags = list(dict.fromkeys([*metrics, "trial/value", *metric_tags]))
     writer = SummaryWriter(str(run_dir))
     try:
-        writer._get_file_writer().add_summary(experiment_summary(hparams, tags))
+        summary = experiment_summary(hparams, tags, differs=differs, discrete=discrete)
+        writer._get_file_writer().add_summary(summary)
         _write_curves(writer, trials, metrics, directions)
         if leaderboard:
             writer.add_text("study/leaderboard", "```\n" + leaderboard + "\n```", 0)

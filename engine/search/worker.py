@@ -146,8 +146,12 @@ def run_trial(
     composer: Composer,
     sweep_dir: Path,
     worker: int = 0,
+    quiet: bool = False,
 ) -> TrialState:
-    """Run one claimed (RUNNING) trial to its end and tell the study."""
+    """Run one claimed (RUNNING) trial to its end and tell the study; ``quiet``: no console line
+    (the sweep command that started this worker prints every trial's line itself)."""
+    import torch
+
     from engine.train import run
 
     number = frozen.number
@@ -160,12 +164,25 @@ def run_trial(
     study_id = storage.get_study_id_from_name(study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     run_dir = Path(sweep_dir) / spec.subdir.format(number=number)
+    # For an RDB storage the study works through Optuna's caching wrapper, and the claim went
+    # around it: the wrapper knows only trials it has read, and a parameter draw on one it never
+    # saw is a KeyError (TPE reads every trial before drawing; random and grid do not). Reading
+    # the running trials puts the claimed one in its cache.
+    study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     trial = optuna.Trial(study, trial_id)
     trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("worker_index", worker)
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     logging.getLogger().addHandler(handler)
+    log.info(
+        "trial %d on worker %d (%s, %d torch threads)",
+        number,
+        worker,
+        st.HOST,
+        torch.get_num_threads(),
+    )
     started = time.perf_counter()
     run_seconds = 0.0
     cfg: DictConfig | None = None
@@ -226,28 +243,27 @@ def run_trial(
         _write_session(run_dir, number, state, cfg, params, shown, steps)
     except Exception as err:  # TensorBoard output must not lose the trial's result
         log.warning("trial %d: could not write its HPARAMS session: %s", number, err)
+    if shown is not None:
+        trial.set_user_attr("shown_value", shown)
     study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
-    _print_trial(number, state, spec, shown, params, seconds, worker, reason)
+    if not quiet:
+        done = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+        print(trial_line(done, spec), flush=True)
     return state
 
 
-def _print_trial(
-    number: int,
-    state: TrialState,
-    spec: Spec,
-    value: float | None,
-    params: dict[str, Any],
-    seconds: float,
-    worker: int,
-    reason: str,
-) -> None:
+def trial_line(t: optuna.trial.FrozenTrial, spec: Spec) -> str:
+    """The console line of a finished trial, the same whoever prints it (a worker, or the sweep
+    command watching the study while its workers run as processes or launcher jobs)."""
+    value = t.user_attrs.get("shown_value")
     shown = f"{spec.metrics[0]}={value:.4f}" if value is not None else ""
-    text = "  ".join(f"{k}={_short(v)}" for k, v in params.items())
+    text = "  ".join(f"{k}={_short(v)}" for k, v in t.params.items())
+    reason = t.user_attrs.get("fail_reason", "")
     why = f"  ({reason.splitlines()[0][:160]})" if reason else ""
-    print(
-        f"[sweep] trial {number} {STATE_NAMES[state]:<8} {shown:<16} {text}  "
-        f"{seconds:.1f}s  w{worker}{why}",
-        flush=True,
+    seconds = float(t.user_attrs.get("seconds", 0.0))
+    return (
+        f"[sweep] trial {t.number} {STATE_NAMES[t.state]:<8} {shown:<16} {text}  "
+        f"{seconds:.1f}s  w{t.user_attrs.get('worker_index', '?')}{why}"
     )
 
 
@@ -261,13 +277,21 @@ def run_worker(
     *,
     worker: int = 0,
     sweep_dir: str | None = None,
+    threads: int = 0,
+    quiet: bool = False,
 ) -> int:
     """Run trials until none is waiting, the budget is spent, or too many failed in a row.
 
-    Returns the number of trials this worker ran.
+    ``storage_arg`` may be a masked URL (its password then comes from the environment, see
+    ``storage.resolve_storage``). ``threads``: torch CPU threads, at most the CPUs this process
+    may run on (0: torch's default). Returns the number of trials this worker ran.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = st.open_storage(storage_arg)
+    if threads:
+        import torch
+
+        torch.set_num_threads(max(1, min(threads, st.cpu_count())))
+    storage = st.open_storage(st.resolve_storage(storage_arg))
     study_id = storage.get_study_id_from_name(study_name)
     spec = st.load_spec(storage, study_id)
     composer = Composer(spec)
@@ -291,6 +315,7 @@ def run_worker(
             composer,
             Path(sweep_dir or spec.sweep_dir),
             worker,
+            quiet,
         )
         ran += 1
     return ran
@@ -305,22 +330,32 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m engine.search.worker",
         description="Run trials of an engine sweep's study until its budget is spent.",
     )
-    parser.add_argument("--storage", required=True, help="Optuna URL, or a journal file path")
+    parser.add_argument(
+        "--storage",
+        help=f"Optuna URL, or a journal file path (default: ${st.STORAGE_ENV}, the way to pass a "
+        f"URL with a password)",
+    )
     parser.add_argument("--study", required=True, help="study name (search.study_name)")
     parser.add_argument("--sweep-dir", help="where trial folders go (default: the study's)")
     parser.add_argument("--worker", type=int, default=0, help="worker index, for the log")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no line per trial (the sweep command prints them)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for handler in logging.getLogger().handlers:  # the console gets warnings; train.log all
         handler.setLevel(logging.WARNING)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        run_worker(args.storage, args.study, worker=args.worker, sweep_dir=args.sweep_dir)
+        run_worker(
+            args.storage,
+            args.study,
+            worker=args.worker,
+            sweep_dir=args.sweep_dir,
+            threads=args.threads,
+            quiet=args.quiet,
+        )
     except KeyboardInterrupt:
         return 130
     except (KeyError, ValueError) as err:  # no such study, or not an engine sweep
