@@ -213,6 +213,17 @@ def test_a_run_dir_that_is_a_file_is_refused(cli, tmp_path, run_dir):
     assert_refused(result, "hydra.run.dir", f"{tmp_path / 'taken'} is a file")
 
 
+def test_a_run_dir_set_in_a_config_file_that_cannot_be_made_is_refused(cli, tmp_path):
+    """Not on the command line, so only Hydra sees it, when it makes the run dir."""
+    (tmp_path / "taken").write_text("not a folder")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "mine.yaml").write_text(
+        f"defaults:\n  - train\n  - _self_\nhydra:\n  run:\n    dir: {tmp_path / 'taken' / 'run'}\n"
+    )
+    result = cli("--config-dir", str(tmp_path / "extra"), "--config-name", "mine")
+    assert_refused(result, "could not write", str(tmp_path / "taken"), "hydra.run.dir=")
+
+
 def test_a_run_dir_in_a_read_only_folder_is_refused(cli, tmp_path):
     folder = tmp_path / "readonly"
     folder.mkdir()

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from engine.config import ConfigError
 from engine.search import storage as st
-from engine.search.samplers import SAMPLERS, make_sampler
+from engine.search.samplers import SAMPLERS, make_sampler, trial_seed
 from engine.search.space import Param, grid, parse_space
 from engine.search.spec import Spec
 
@@ -134,7 +134,7 @@ def test_every_sampler_samples_inside_the_space_and_is_seeded(name):
         study = optuna.create_study(directions=["maximize"] * (2 if name == "nsga2" else 1))
         out = []
         for number in range(6):
-            study.sampler = make_sampler(name, seed + number, 6)
+            study.sampler = make_sampler(name, trial_seed(seed, number), 6)
             trial = study.ask()
             params = {n: p.suggest(trial) for n, p in space.items()}
             value = -abs(params["lr"] - 0.01) - params["hidden"] / 1000
@@ -144,6 +144,7 @@ def test_every_sampler_samples_inside_the_space_and_is_seeded(name):
 
     first = draws(0)
     assert first == draws(0)
+    assert draws(2**32 - 1)  # the largest search.seed: its trials' seeds wrap around
     for params in first:
         assert 1e-4 <= params["lr"] <= 1e-1 and params["hidden"] in range(8, 65, 8)
         assert params["act"] in ("relu", "gelu")

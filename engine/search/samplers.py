@@ -15,6 +15,12 @@ from engine.config import ConfigError
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number``: ``seed + number``, wrapped to the 32 bits NumPy's
+    seeding takes (``search.seed`` itself may be as large as 2**32 - 1)."""
+    return (seed + number) % 2**32
+
+
 def startup_trials(n_trials: int) -> int:
     """Random trials before a model-based sampler takes over: a third of the budget, 2..10."""
     return max(2, min(10, n_trials // 3))

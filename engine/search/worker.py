@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 
 from engine.search import storage as st
 from engine.search.pruners import Pruned, Reporter, make_pruner
-from engine.search.samplers import make_sampler
+from engine.search.samplers import make_sampler, trial_seed
 from engine.search.spec import Spec
 
 log = logging.getLogger("engine.search")
@@ -158,7 +158,7 @@ def run_trial(
     study = optuna.load_study(
         study_name=study_name,
         storage=storage,
-        sampler=make_sampler(spec.sampler, spec.seed + number, spec.n_trials),
+        sampler=make_sampler(spec.sampler, trial_seed(spec.seed, number), spec.n_trials),
         pruner=make_pruner(spec.pruner, spec.max_epochs),
     )
     study_id = storage.get_study_id_from_name(study_name)
