@@ -11,4 +11,4 @@ bench:
 	python benchmarks/lm_memory.py
 	python benchmarks/sweep.py
 gpu:
-	bash benchmarks/gpu_check.sh
+	bash scripts/gpu_check.sh

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import faults
+from engine.faults import Faults
 
 
 class CheckpointError(RuntimeError):
@@ -170,7 +170,8 @@ class Serializer:
     are first copied into one host buffer, reused from save to save.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, faults: Faults | None = None) -> None:
+        self._faults = faults
         self._layout: _Layout | None = None
         self._staging: torch.Tensor | None = None
         self._staging_views: list[torch.Tensor] = []
@@ -382,12 +383,16 @@ def _open_target(path: Path, size: int) -> tuple[int, Path]:
 
 
 def write_temporary(
-    state: dict[str, Any], path: Path, serializer: Serializer | None = None
+    state: dict[str, Any],
+    path: Path,
+    serializer: Serializer | None = None,
+    faults: Faults | None = None,
 ) -> tuple[int, Path]:
     """First half of a save: the whole file written next to ``path``, not yet in its place.
 
     Returns the open descriptor and the written file's path for ``commit``. Nothing is replaced
-    yet, so ``path`` still holds the previous checkpoint.
+    yet, so ``path`` still holds the previous checkpoint. ``faults``: the reliability tests'
+    kill halfway through the write (None in a normal run).
     """
     path = Path(path)
     header, data = (serializer or Serializer()).buffers(state)
@@ -396,7 +401,7 @@ def write_temporary(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, written = _open_target(path, size)
-        if faults.KILL_DURING_SAVE:  # the test hook: killed with half the file written
+        if faults is not None and faults.kill_during_save:  # killed with half the file written
             whole = memoryview(b"".join([header, *data]))
             _write_all(fd, [whole[: len(whole) // 2]])
             faults.during_save()
@@ -550,7 +555,8 @@ class AsyncCheckpointer:
     error. A kill at any moment leaves the previous file whole. ``close`` ends the thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, faults: Faults | None = None) -> None:
+        self._faults = faults
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
@@ -560,7 +566,7 @@ class AsyncCheckpointer:
 
     def save(self, state: dict[str, Any], path: Path, best: Path | None = None) -> None:
         self.wait()
-        fd, tmp = write_temporary(state, path, self._serializer)
+        fd, tmp = write_temporary(state, path, self._serializer, self._faults)
         if self._thread is None:
             # A daemon: a process that dies mid-commit leaves a temporary file, never a torn one.
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)

@@ -8,11 +8,16 @@ names the key. Checks that need more than a type (ranges, incompatible options) 
 
 Each group (``data``, ``model``, ...) has one dataclass holding the union of the options of every
 choice in the group: the choice's YAML file sets ``name`` and the keys it uses. That keeps keys
-typed and checked without one schema per YAML file.
+typed and checked without one schema per YAML file. Next to each dataclass stand the values its
+choice keys allow (``MODELS``, ``SAMPLERS``, ...: the one list the building code dispatches on and
+names in its messages) and ``validate_<group>``, the group's own checks.
+
+This module is imported by every command-line start: it must not import torch or optuna.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -21,6 +26,45 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value that type checking could not catch; the message names the key."""
+
+
+def or_list(names: tuple[str, ...]) -> str:
+    """``linear, mlp, cnn or transformer``: the choices as a message names them."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else ", ".join(names)
+
+
+def _check_choices(group: str, node: Any, **allowed: tuple[str, ...]) -> None:
+    for key, choices in allowed.items():
+        value = getattr(node, key)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), choices, n=1)
+            closest = f" Did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(
+                f"{group}.{key}={value!r} is not allowed; choose one of {', '.join(choices)}."
+                f"{closest}"
+            )
+
+
+def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: {requirement}.")
+
+
+def _check_seed(key: str, value: int) -> None:
+    # numpy's legacy seeding (np.random.seed, Optuna's samplers) takes 32-bit unsigned seeds only,
+    # and says so without naming the key.
+    _check(0 <= value < 2**32, key, value, "a seed must be in [0, 2**32 - 1]")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+DATASETS = ("digits", "breast_cancer", "wine", "diabetes", "csv", "synthetic", "text")
+DATA_TASKS = ("auto", "classification", "regression")
 
 
 @dataclass
@@ -68,6 +112,45 @@ class DataConfig:
     """text: cap on the number of corpus tokens used."""
 
 
+def validate_data(d: Any) -> None:
+    _check_choices("data", d, name=DATASETS, task=DATA_TASKS)
+    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "it must be a positive integer")
+    _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "it must be positive")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "it must be in [0, 1)")
+    _check(
+        0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "it must be in (0, 1)"
+    )
+    _check(
+        d.val_fraction + d.test_fraction < 0.9,
+        "data.val_fraction",
+        d.val_fraction,
+        f"val_fraction + test_fraction must leave at least 10% for training (test_fraction={d.test_fraction})",
+    )
+    _check_seed("data.seed", d.seed)
+    _check_seed("data.split_seed", d.split_seed)
+    if d.name == "csv":
+        _check(
+            bool(d.path), "data.path", d.path, "data=csv needs data.path=<file.csv|file.parquet>"
+        )
+    if d.name == "synthetic":
+        _check(d.n_samples >= 10, "data.n_samples", d.n_samples, "use at least 10 rows")
+        _check(d.n_features > 0, "data.n_features", d.n_features, "it must be positive")
+        _check(
+            d.n_classes >= 0 and d.n_classes != 1,
+            "data.n_classes",
+            d.n_classes,
+            "use 0 (regression) or >= 2",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+MODELS = ("linear", "mlp", "cnn", "transformer")
+NORMS = ("none", "batch", "layer")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -92,6 +175,19 @@ class ModelConfig:
     """Hand the last hidden state and head weight to the fused linear cross-entropy."""
 
 
+def validate_model(m: Any) -> None:
+    _check_choices("model", m, name=MODELS, norm=NORMS, activation=ACTIVATIONS)
+    _check(m.hidden > 0, "model.hidden", m.hidden, "it must be a positive integer")
+    _check(m.depth >= 0, "model.depth", m.depth, "it must be >= 0")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "it must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------------------------
+# loss
+
+LOSSES = ("auto", "cross_entropy", "mse", "huber")
+
+
 @dataclass
 class LossConfig:
     name: str = "auto"
@@ -104,6 +200,20 @@ class LossConfig:
     """huber: threshold between the quadratic and linear parts."""
     fused: bool = True
     """Use the fused kernels (Triton on CUDA, chunked PyTorch on CPU) instead of torch's."""
+
+
+def validate_loss(loss: Any) -> None:
+    _check_choices("loss", loss, name=LOSSES)
+    ls = loss.label_smoothing
+    _check(0.0 <= ls < 1.0, "loss.label_smoothing", ls, "it must be in [0, 1)")
+    _check(loss.z_loss >= 0, "loss.z_loss", loss.z_loss, "it must be >= 0")
+    _check(loss.huber_delta > 0, "loss.huber_delta", loss.huber_delta, "it must be positive")
+
+
+# --------------------------------------------------------------------------------------------
+# optim
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass
@@ -120,6 +230,19 @@ class OptimConfig:
     """sgd: momentum."""
     nesterov: bool = False
     """sgd: Nesterov momentum."""
+
+
+def validate_optim(o: Any) -> None:
+    _check_choices("optim", o, name=OPTIMIZERS)
+    _check(o.lr > 0, "optim.lr", o.lr, "the learning rate must be positive")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "it must be >= 0")
+    _check(len(o.betas) == 2, "optim.betas", list(o.betas), "give two values, e.g. [0.9, 0.999]")
+
+
+# --------------------------------------------------------------------------------------------
+# sched
+
+SCHEDULES = ("cosine", "step", "none")
 
 
 @dataclass
@@ -143,6 +266,33 @@ class SchedConfig:
     """step: epochs between decays."""
     gamma: float = 0.1
     """step: multiplicative decay."""
+
+
+def validate_sched(s: Any) -> None:
+    _check_choices("sched", s, name=SCHEDULES)
+    _check(s.warmup_steps >= 0, "sched.warmup_steps", s.warmup_steps, "it must be >= 0")
+    _check(
+        0.0 <= s.warmup_fraction < 1.0,
+        "sched.warmup_fraction",
+        s.warmup_fraction,
+        "it must be in [0, 1)",
+    )
+    _check(
+        s.warmup_max_steps >= 0,
+        "sched.warmup_max_steps",
+        s.warmup_max_steps,
+        "it must be >= 0 (0: no cap)",
+    )
+    _check(s.step_size > 0, "sched.step_size", s.step_size, "it must be a positive integer")
+
+
+# --------------------------------------------------------------------------------------------
+# trainer
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MONITOR_MODES = ("auto", "max", "min")
+PROGRESS_MODES = ("auto", "bar", "epoch", "none")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -189,6 +339,67 @@ class TrainerConfig:
     """CPU threads for torch; 0 keeps torch's default."""
 
 
+def validate_trainer(t: Any) -> None:
+    _check_choices(
+        "trainer",
+        t,
+        precision=PRECISIONS,
+        monitor_mode=MONITOR_MODES,
+        progress=PROGRESS_MODES,
+        on_nan=NAN_POLICIES,
+    )
+    _check(t.max_epochs > 0, "trainer.max_epochs", t.max_epochs, "it must be a positive integer")
+    _check(
+        t.accumulate_grad_batches > 0,
+        "trainer.accumulate_grad_batches",
+        t.accumulate_grad_batches,
+        "it must be a positive integer",
+    )
+    _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "use 0 to disable clipping")
+    _check(
+        t.early_stop_patience >= 0,
+        "trainer.early_stop_patience",
+        t.early_stop_patience,
+        "use 0 to disable",
+    )
+    _check(
+        t.ckpt_every_n_steps >= 0,
+        "trainer.ckpt_every_n_steps",
+        t.ckpt_every_n_steps,
+        "use 0 to disable",
+    )
+    _check(
+        t.log_every_n_steps > 0,
+        "trainer.log_every_n_steps",
+        t.log_every_n_steps,
+        "it must be positive",
+    )
+    _check(t.max_nan_skips >= 0, "trainer.max_nan_skips", t.max_nan_skips, "it must be >= 0")
+    _check_seed("trainer.seed", t.seed)
+    _check(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        "trainer.device",
+        t.device,
+        "use auto, cpu, cuda or cuda:N",
+    )
+    if t.device.startswith("cuda:"):
+        _check(
+            t.device[5:].isdigit(),
+            "trainer.device",
+            t.device,
+            "the GPU index must be a number, e.g. cuda:0",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# search
+
+SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
+PRUNERS = ("none", "median", "hyperband")
+DIRECTIONS = ("auto", "maximize", "minimize")
+LAUNCH_MODES = ("auto", "processes", "launcher")
+
+
 @dataclass
 class SearchConfig:
     """A hyperparameter sweep (``python -m engine.train -m search=<preset>``); see engine/search/."""
@@ -231,6 +442,57 @@ class SearchConfig:
     """Internal: torch CPU threads of such a job (the sweep command shares the cores out)."""
 
 
+def validate_search(s: Any) -> None:
+    """Checks of the ``search`` group alone (the space itself is checked by engine.search.space)."""
+    _check_choices(
+        "search", s, sampler=SAMPLERS, pruner=PRUNERS, direction=DIRECTIONS, launch=LAUNCH_MODES
+    )
+    if s.n_trials is not None:
+        _check(s.n_trials > 0, "search.n_trials", s.n_trials, "it must be a positive integer")
+    if s.n_workers is not None:
+        _check(s.n_workers > 0, "search.n_workers", s.n_workers, "it must be a positive integer")
+    _check(s.max_failures > 0, "search.max_failures", s.max_failures, "it must be positive")
+    _check_seed("search.seed", s.seed)
+    _check(bool(s.metric), "search.metric", s.metric, "name a key of metrics.json, e.g. val/acc")
+    if s.metrics is not None:
+        _check_objectives(s)
+    elif s.directions is not None:
+        raise ConfigError(
+            "search.directions is set but search.metrics is not; give both, or use "
+            "search.metric and search.direction for one objective."
+        )
+
+
+def _check_objectives(s: Any) -> None:
+    """Several objectives (``search.metrics``): one direction each, and no pruner."""
+    metrics = list(s.metrics)
+    _check(len(metrics) > 0, "search.metrics", metrics, "name at least one metric")
+    directions = list(s.directions) if s.directions is not None else ["auto"] * len(metrics)
+    _check(
+        len(directions) == len(metrics),
+        "search.directions",
+        directions,
+        f"give one direction per metric of search.metrics={metrics}",
+    )
+    for direction in directions:
+        _check(
+            direction in DIRECTIONS,
+            "search.directions",
+            directions,
+            "each must be maximize, minimize or auto",
+        )
+    _check(
+        len(metrics) == 1 or s.pruner == "none",
+        "search.pruner",
+        s.pruner,
+        "pruning needs a single objective; use search.pruner=none with several search.metrics",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the whole config
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -247,218 +509,24 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-class ConfigError(ValueError):
-    """A config value that type checking could not catch; the message names the key."""
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits", "breast_cancer", "wine", "diabetes", "csv", "synthetic", "text"),
-    "data.task": ("auto", "classification", "regression"),
-    "model.name": ("linear", "mlp", "cnn", "transformer"),
-    "model.norm": ("none", "batch", "layer"),
-    "model.activation": ("relu", "gelu", "silu", "tanh"),
-    "loss.name": ("auto", "cross_entropy", "mse", "huber"),
-    "optim.name": ("adamw", "adam", "sgd"),
-    "sched.name": ("cosine", "step", "none"),
-    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
-    "trainer.monitor_mode": ("auto", "max", "min"),
-    "trainer.progress": ("auto", "bar", "epoch", "none"),
-    "trainer.on_nan": ("stop", "skip"),
-}
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def _check_choice(cfg: Any, key: str, allowed: tuple[str, ...]) -> None:
-    value = _get(cfg, key)
-    if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        closest = f" Did you mean '{hint[0]}'?" if hint else ""
-        raise ConfigError(
-            f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.{closest}"
-        )
-
-
-def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}={value!r} is invalid: {requirement}.")
-
-
-def _check_seed(key: str, value: int) -> None:
-    # numpy's legacy seeding (np.random.seed, Optuna's samplers) takes 32-bit unsigned seeds only,
-    # and says so without naming the key.
-    _check(0 <= value < 2**32, key, value, "a seed must be in [0, 2**32 - 1]")
-
-
 def validate(cfg: Any) -> None:
-    """Reject values that are well-typed but unusable, naming the key and the fix."""
+    """Reject values that are well-typed but unusable, naming the key and the fix.
+
+    Each group is checked on its own, in the order of ``TrainConfig``; no check spans two groups
+    yet (one that does belongs here, after the groups')."""
     check_schema(cfg)
-    for key, allowed in _CHOICES.items():
-        _check_choice(cfg, key, allowed)
-    d, t, o = cfg.data, cfg.trainer, cfg.optim
-    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "it must be a positive integer")
-    _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "it must be positive")
-    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "it must be in [0, 1)")
-    _check(
-        0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "it must be in (0, 1)"
-    )
-    _check(
-        d.val_fraction + d.test_fraction < 0.9,
-        "data.val_fraction",
-        d.val_fraction,
-        f"val_fraction + test_fraction must leave at least 10% for training (test_fraction={d.test_fraction})",
-    )
-    _check(o.lr > 0, "optim.lr", o.lr, "the learning rate must be positive")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "it must be >= 0")
-    _check(len(o.betas) == 2, "optim.betas", list(o.betas), "give two values, e.g. [0.9, 0.999]")
-    _check(t.max_epochs > 0, "trainer.max_epochs", t.max_epochs, "it must be a positive integer")
-    _check(
-        t.accumulate_grad_batches > 0,
-        "trainer.accumulate_grad_batches",
-        t.accumulate_grad_batches,
-        "it must be a positive integer",
-    )
-    _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "use 0 to disable clipping")
-    _check(
-        t.early_stop_patience >= 0,
-        "trainer.early_stop_patience",
-        t.early_stop_patience,
-        "use 0 to disable",
-    )
-    _check(
-        t.ckpt_every_n_steps >= 0,
-        "trainer.ckpt_every_n_steps",
-        t.ckpt_every_n_steps,
-        "use 0 to disable",
-    )
-    _check(
-        t.log_every_n_steps > 0,
-        "trainer.log_every_n_steps",
-        t.log_every_n_steps,
-        "it must be positive",
-    )
-    _check(t.max_nan_skips >= 0, "trainer.max_nan_skips", t.max_nan_skips, "it must be >= 0")
-    for key in ("trainer.seed", "data.seed", "data.split_seed"):
-        _check_seed(key, _get(cfg, key))
-    _check(
-        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
-        "trainer.device",
-        t.device,
-        "use auto, cpu, cuda or cuda:N",
-    )
-    if t.device.startswith("cuda:"):
-        _check(
-            t.device[5:].isdigit(),
-            "trainer.device",
-            t.device,
-            "the GPU index must be a number, e.g. cuda:0",
-        )
-    ls = cfg.loss.label_smoothing
-    _check(0.0 <= ls < 1.0, "loss.label_smoothing", ls, "it must be in [0, 1)")
-    _check(cfg.loss.z_loss >= 0, "loss.z_loss", cfg.loss.z_loss, "it must be >= 0")
-    _check(
-        cfg.loss.huber_delta > 0, "loss.huber_delta", cfg.loss.huber_delta, "it must be positive"
-    )
-    m = cfg.model
-    _check(m.hidden > 0, "model.hidden", m.hidden, "it must be a positive integer")
-    _check(m.depth >= 0, "model.depth", m.depth, "it must be >= 0")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "it must be in [0, 1)")
-    s = cfg.sched
-    _check(s.warmup_steps >= 0, "sched.warmup_steps", s.warmup_steps, "it must be >= 0")
-    _check(
-        0.0 <= s.warmup_fraction < 1.0,
-        "sched.warmup_fraction",
-        s.warmup_fraction,
-        "it must be in [0, 1)",
-    )
-    _check(
-        s.warmup_max_steps >= 0,
-        "sched.warmup_max_steps",
-        s.warmup_max_steps,
-        "it must be >= 0 (0: no cap)",
-    )
-    _check(s.step_size > 0, "sched.step_size", s.step_size, "it must be a positive integer")
+    validate_data(cfg.data)
+    validate_model(cfg.model)
+    validate_loss(cfg.loss)
+    validate_optim(cfg.optim)
+    validate_sched(cfg.sched)
+    validate_trainer(cfg.trainer)
     if cfg.get("search") is not None:
         validate_search(cfg.search)
-    if d.name == "csv":
-        _check(
-            bool(d.path), "data.path", d.path, "data=csv needs data.path=<file.csv|file.parquet>"
-        )
-    if d.name == "synthetic":
-        _check(d.n_samples >= 10, "data.n_samples", d.n_samples, "use at least 10 rows")
-        _check(d.n_features > 0, "data.n_features", d.n_features, "it must be positive")
-        _check(
-            d.n_classes >= 0 and d.n_classes != 1,
-            "data.n_classes",
-            d.n_classes,
-            "use 0 (regression) or >= 2",
-        )
-
-
-_SEARCH_CHOICES: dict[str, tuple[str, ...]] = {
-    "search.sampler": ("grid", "random", "tpe", "gp", "cmaes", "nsga2"),
-    "search.pruner": ("none", "median", "hyperband"),
-    "search.direction": ("auto", "maximize", "minimize"),
-    "search.launch": ("auto", "processes", "launcher"),
-}
-
-
-def validate_search(s: Any) -> None:
-    """Checks of the ``search`` group alone (the space itself is checked by engine.search.space)."""
-    for key, allowed in _SEARCH_CHOICES.items():
-        value = getattr(s, key.split(".", 1)[1])
-        if value not in allowed:
-            hint = difflib.get_close_matches(str(value), allowed, n=1)
-            closest = f" Did you mean '{hint[0]}'?" if hint else ""
-            raise ConfigError(
-                f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.{closest}"
-            )
-    if s.n_trials is not None:
-        _check(s.n_trials > 0, "search.n_trials", s.n_trials, "it must be a positive integer")
-    if s.n_workers is not None:
-        _check(s.n_workers > 0, "search.n_workers", s.n_workers, "it must be a positive integer")
-    _check(s.max_failures > 0, "search.max_failures", s.max_failures, "it must be positive")
-    _check_seed("search.seed", s.seed)
-    _check(bool(s.metric), "search.metric", s.metric, "name a key of metrics.json, e.g. val/acc")
-    if s.metrics is not None:
-        metrics = list(s.metrics)
-        _check(len(metrics) > 0, "search.metrics", metrics, "name at least one metric")
-        directions = list(s.directions) if s.directions is not None else ["auto"] * len(metrics)
-        _check(
-            len(directions) == len(metrics),
-            "search.directions",
-            directions,
-            f"give one direction per metric of search.metrics={metrics}",
-        )
-        for direction in directions:
-            _check(
-                direction in ("auto", "maximize", "minimize"),
-                "search.directions",
-                directions,
-                "each must be maximize, minimize or auto",
-            )
-        _check(
-            len(metrics) == 1 or s.pruner == "none",
-            "search.pruner",
-            s.pruner,
-            "pruning needs a single objective; use search.pruner=none with several search.metrics",
-        )
-    elif s.directions is not None:
-        raise ConfigError(
-            "search.directions is set but search.metrics is not; give both, or use "
-            "search.metric and search.direction for one objective."
-        )
 
 
 def _schema_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, type]:
     """Every dotted key of the schema (groups included), e.g. ``trainer.max_epochs``."""
-    import dataclasses
-
     keys: dict[str, type] = {}
     for f in dataclasses.fields(cls):
         name = prefix + f.name
@@ -609,8 +677,6 @@ def check_schema(cfg: Any) -> None:
     """Refuse a key that a typed group does not have, however it got in (``+key``, ``++key``, a
     YAML file from ``--config-dir``): OmegaConf lets such keys into a structured config, and the
     run would silently ignore them. Also refuse a required value left unset (``???``)."""
-    import dataclasses
-
     from omegaconf import OmegaConf
 
     for group in dataclasses.fields(TrainConfig):
@@ -696,21 +762,20 @@ def check_command_line(args: list[str]) -> str | None:
     return check_override_keys(args) or check_sweep_types(args) or check_output_dir(args)
 
 
+def _first_line(text: Any) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
 def describe_config_error(err: BaseException) -> str:
     """Hydra's or OmegaConf's refusal of a config as ``<key>: <what>``, without Hydra's advice to
     append a misspelt key with ``+``; any other error as its message."""
-    import re
-
     from hydra.errors import (
         HydraException,
         MissingConfigException,
         OverrideParseException,
         SearchPathException,
     )
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    def first_line(text: str) -> str:
-        return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+    from omegaconf.errors import OmegaConfBaseException
 
     text = str(err)
     if not isinstance(err, (HydraException, OmegaConfBaseException)):
@@ -725,28 +790,37 @@ def describe_config_error(err: BaseException) -> str:
             f"{', '.join(choices)}.{closest}"
         )
     if isinstance(err, OverrideParseException):
-        return f"could not parse the override '{err.override}': {first_line(err.message)}"
+        return f"could not parse the override '{err.override}': {_first_line(err.message)}"
     if isinstance(err, SearchPathException):
-        return f"--config-dir: {first_line(text)}"
+        return f"--config-dir: {_first_line(text)}"
     # Hydra wraps OmegaConf's error, as the cause or (composing a file) only as the context.
     cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__ or err.__context__
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
-        key, what = cause.full_key, first_line(getattr(cause, "msg", None) or cause)
-        override = re.match(r"Error merging override (\S+)", text)
-        source = re.match(r"In '([^']+)'", text)
-        where = (
-            f"in override '{override.group(1)}'"
-            if override
-            else f"in config '{source.group(1)}'"
-            if source
-            else "in the config"
+        return _describe_key_error(cause, text)
+    return _first_line(text)
+
+
+def _describe_key_error(cause: Any, text: str) -> str:
+    """OmegaConf's refusal of one key (``cause``), placed by Hydra's wrapping message ``text``."""
+    import re
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    key, what = cause.full_key, _first_line(getattr(cause, "msg", None) or cause)
+    override = re.match(r"Error merging override (\S+)", text)
+    source = re.match(r"In '([^']+)'", text)
+    where = (
+        f"in override '{override.group(1)}'"
+        if override
+        else f"in config '{source.group(1)}'"
+        if source
+        else "in the config"
+    )
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in what:
+        return unknown_key_message(key, where)
+    if "does not support deletion" in what:
+        return (
+            f"{key}: a key of the typed config cannot be deleted ({where}); set the value "
+            f"you want instead, {key}=<value>."
         )
-        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in what:
-            return unknown_key_message(key, where)
-        if "does not support deletion" in what:
-            return (
-                f"{key}: a key of the typed config cannot be deleted ({where}); set the value "
-                f"you want instead, {key}=<value>."
-            )
-        return f"{key}: {what} ({where})."
-    return first_line(text)
+    return f"{key}: {what} ({where})."

@@ -10,59 +10,26 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Unusable input data; the message names the file, column or key and says how to fix it."""
-
-
-@dataclass
-class DataInfo:
-    """What the model, loss and metrics need to know about the data."""
-
-    task: str  # "classification" | "regression" | "lm"
-    num_features: int
-    num_classes: int  # 0 for regression
-    input_shape: tuple[int, ...] | None = None  # e.g. (1, 8, 8) for the digits images
-    class_names: list[str] | None = None
-    feature_names: list[str] | None = None
-    label_mapping: dict[str, int] | None = None  # string labels of a csv, in index order
-    target_mean: float = 0.0  # regression targets are standardised on train; metrics undo it
-    target_std: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Split:
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def to(self, device: torch.device) -> Split:
-        return Split(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
-
-
-@dataclass
-class Dataset:
-    train: Split
-    val: Split | None
-    test: Split
-    info: DataInfo
-
+from engine.dataset import DataError, DataInfo, Dataset, Split
+from engine.task import Task
 
 # --------------------------------------------------------------------------------------------
 # Loading
+
+
+# The embedded datasets' tasks (kind, classes): what a sweep learns without loading them.
+EMBEDDED = {
+    "digits": ("classification", 10),
+    "breast_cancer": ("classification", 2),
+    "wine": ("classification", 3),
+    "diabetes": ("regression", 0),
+}
 
 
 def _sklearn_table(name: str) -> tuple[np.ndarray, np.ndarray, DataInfo]:
@@ -205,13 +172,7 @@ def _is_classification_target(values: np.ndarray) -> bool:
     return False
 
 
-def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
-    path = Path(cfg.path).expanduser().resolve()
-    frame = _read_frame(path, cfg.target)
-    if len(frame) == 0:
-        raise DataError(f"data.path: {path} has a header but no data rows.")
-    columns = [str(c) for c in frame.columns]
-    frame.columns = columns
+def _check_csv_target(cfg: Any, path: Path, columns: list[str]) -> None:
     if not cfg.target:  # checked here, after the file: a missing file is the first thing to say
         raise DataError(
             f"data=csv needs data.target=<column name>; the columns of {path} are: "
@@ -222,6 +183,22 @@ def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
             f"data.target='{cfg.target}' is not a column of {path}. Its columns are: "
             f"{', '.join(columns)}."
         )
+
+
+def _csv_frame(cfg: Any):
+    """(path, the table with string column names): a file with rows and the target column."""
+    path = Path(cfg.path).expanduser().resolve()
+    frame = _read_frame(path, cfg.target)
+    if len(frame) == 0:
+        raise DataError(f"data.path: {path} has a header but no data rows.")
+    frame.columns = [str(c) for c in frame.columns]
+    _check_csv_target(cfg, path, list(frame.columns))
+    return path, frame
+
+
+def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
+    path, frame = _csv_frame(cfg)
+    columns = list(frame.columns)
     if cfg.features:
         listed = [str(c) for c in cfg.features]
         twice = list(dict.fromkeys(c for i, c in enumerate(listed) if c in listed[:i]))
@@ -243,7 +220,25 @@ def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     if not features:
         raise DataError(f"{path} has no feature columns besides the target '{cfg.target}'.")
     x = np.stack([_numeric_column(frame, c, path) for c in features], axis=1)
+    raw, task, labels = _csv_target(frame, cfg, path)
+    if task == "regression":
+        y = _numeric_column(frame, cfg.target, path)
+        return x, y, DataInfo("regression", x.shape[1], 0, feature_names=features)
+    index = {label: i for i, label in enumerate(labels.tolist())}
+    keyed = raw.astype(str) if raw.dtype.kind in "OUSb" else raw
+    y = np.array([index[v] for v in keyed.tolist()], dtype=np.int64)
+    names = [str(v) for v in labels.tolist()]
+    info = DataInfo(
+        "classification", x.shape[1], len(labels), class_names=names, feature_names=features
+    )
+    if raw.dtype.kind in "OUSb":
+        info.label_mapping = {name: i for i, name in enumerate(names)}
+    return x, y, info
 
+
+def _csv_target(frame, cfg: Any, path: Path) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """(the target column's values, its task, its classes: the sorted distinct labels, or None
+    for regression); refuses empty cells and a single class."""
     target = frame[cfg.target]
     if target.isna().any():
         row = int(np.flatnonzero(target.isna().to_numpy())[0])
@@ -258,25 +253,34 @@ def _csv_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
         else ("classification" if _is_classification_target(raw) else "regression")
     )
     if task == "regression":
-        y = _numeric_column(frame, cfg.target, path)
-        return x, y, DataInfo("regression", x.shape[1], 0, feature_names=features)
+        return raw, task, None
     # Classes are the sorted distinct labels; strings are mapped and the mapping is recorded.
     labels = np.unique(raw.astype(str)) if raw.dtype.kind in "OUSb" else np.unique(raw)
-    index = {label: i for i, label in enumerate(labels.tolist())}
-    keyed = raw.astype(str) if raw.dtype.kind in "OUSb" else raw
-    y = np.array([index[v] for v in keyed.tolist()], dtype=np.int64)
     if len(labels) < 2:
         raise DataError(
             f"{path}: target column '{cfg.target}' has a single class ({labels[0]!r}); a "
             f"classifier needs at least two. Use data.task=regression for a numeric target."
         )
-    names = [str(v) for v in labels.tolist()]
-    info = DataInfo(
-        "classification", x.shape[1], len(labels), class_names=names, feature_names=features
-    )
-    if raw.dtype.kind in "OUSb":
-        info.label_mapping = {name: i for i, name in enumerate(names)}
-    return x, y, info
+    return raw, task, labels
+
+
+def describe_task(cfg: Any) -> Task:
+    """The task of ``data`` without building the dataset: what a sweep needs before its trials.
+
+    Embedded and synthetic data are known from the config; a csv file is read for its target
+    column (the file, its header and the target are checked here, the features by each run);
+    text is next-token prediction over at most ``data.vocab_size`` tokens."""
+    if cfg.name in EMBEDDED:
+        return Task(*EMBEDDED[cfg.name])
+    if cfg.name == "synthetic":
+        return Task("regression") if cfg.n_classes == 0 else Task("classification", cfg.n_classes)
+    if cfg.name == "text":
+        return Task("lm", cfg.vocab_size)
+    if cfg.name == "csv":
+        path, frame = _csv_frame(cfg)
+        _, task, labels = _csv_target(frame, cfg, path)
+        return Task(task, 0 if labels is None else len(labels))
+    raise DataError(f"data.name='{cfg.name}' is not a dataset of this engine.")
 
 
 def load_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:

@@ -1,10 +1,12 @@
 """Fault injection for the reliability tests: real failures at chosen points of a real run.
 
-Each fault is armed by an environment variable and costs one integer comparison otherwise:
+Each fault is armed by an environment variable, read once when a run is built
+(:meth:`Faults.from_env`). A run with none of them set gets ``None``: the trainer and the
+checkpoint writer then carry no test state at all, and their hot paths test one ``is None``.
 
 - ``ENGINE_FAULT_KILL_AT_STEP=N``: the process SIGKILLs itself just before optimizer step N
   (1-based), as a kill from outside would find it.
-- ``ENGINE_FAULT_KILL_DURING_SAVE=N``: the N-th checkpoint write of the process SIGKILLs itself
+- ``ENGINE_FAULT_KILL_DURING_SAVE=N``: the N-th checkpoint write of the run SIGKILLs the process
   halfway through writing its temporary file, before the rename.
 - ``ENGINE_FAULT_NAN_AT_STEP=N``: the loss of the batch that completes optimizer step N becomes
   NaN, so its gradients do too.
@@ -14,43 +16,55 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_VARIABLES = {
+    "kill_at_step": "ENGINE_FAULT_KILL_AT_STEP",
+    "kill_during_save": "ENGINE_FAULT_KILL_DURING_SAVE",
+    "nan_at_step": "ENGINE_FAULT_NAN_AT_STEP",
+}
 
 
-def _armed(name: str) -> int:
+def _armed(environ: Mapping[str, str], name: str) -> int:
     try:
-        return int(os.environ.get(name, "0"))
+        return int(environ.get(name, "0"))
     except ValueError:
         return 0
-
-
-KILL_AT_STEP = _armed("ENGINE_FAULT_KILL_AT_STEP")
-KILL_DURING_SAVE = _armed("ENGINE_FAULT_KILL_DURING_SAVE")
-NAN_AT_STEP = _armed("ENGINE_FAULT_NAN_AT_STEP")
-_saves = 0
 
 
 def kill_now() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def before_step(step: int) -> None:
-    """Called with the number of the optimizer step about to be taken."""
-    if step == KILL_AT_STEP:
-        kill_now()
+@dataclass
+class Faults:
+    """The faults armed for one run; 0 means not armed."""
 
+    kill_at_step: int = 0
+    kill_during_save: int = 0
+    nan_at_step: int = 0
+    saves: int = 0  # checkpoint writes so far
 
-def nan_now(step: int) -> bool:
-    """True once: for the batch that completes optimizer step ``NAN_AT_STEP``."""
-    global NAN_AT_STEP
-    if step == NAN_AT_STEP:
-        NAN_AT_STEP = 0  # a skipped step is retried with the next batch, which stays clean
-        return True
-    return False
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Faults | None:
+        armed = {field: _armed(environ, name) for field, name in _VARIABLES.items()}
+        return cls(**armed) if any(armed.values()) else None
 
+    def before_step(self, step: int) -> None:
+        """Called with the number of the optimizer step about to be taken."""
+        if step == self.kill_at_step:
+            kill_now()
 
-def during_save() -> None:
-    """Called by the checkpoint writer with half of the temporary file written."""
-    global _saves
-    _saves += 1
-    if _saves == KILL_DURING_SAVE:
-        kill_now()
+    def nan_now(self, step: int) -> bool:
+        """True once: for the batch that completes optimizer step ``nan_at_step``."""
+        if step == self.nan_at_step:
+            self.nan_at_step = 0  # a skipped step is retried with the next batch, which stays clean
+            return True
+        return False
+
+    def during_save(self) -> None:
+        """Called by the checkpoint writer with half of the temporary file written."""
+        self.saves += 1
+        if self.saves == self.kill_during_save:
+            kill_now()

@@ -27,7 +27,7 @@ Definitions (equal to torchmetrics 1.9; the trainer adds the ``val/``/``test/`` 
   lower class index (see ``kernels.classification``); torchmetrics' ``torch.topk`` tie choice
   is unspecified, so only exactly tied logits can differ. Reported only when
   ``num_classes > top_k``: torchmetrics refuses ``top_k > num_classes`` and with ``k == C``
-  every row is trivially a hit, so the key is absent (as ``engine.train.metric_names``
+  every row is trivially a hit, so the key is absent (as ``engine.task.Task.metric_names``
   expects); ``topk_accuracy(j)`` still gives any ``j <= top_k``.
 * ``ece``: ``MulticlassCalibrationError(n_bins=ece_bins, norm="l1")`` on softmax
   probabilities, same bin edges. ``nan`` when no row was counted (torchmetrics too).

@@ -14,30 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import ConfigError
-from engine.data import DataInfo
+from engine.config import MODELS, ConfigError, or_list
+from engine.dataset import DataInfo
+from engine.head import HeadModel
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-class HeadModel(nn.Module):
-    """``body`` maps inputs to a hidden state [..., H]; ``head`` maps it to outputs [..., C]."""
-
-    body: nn.Module
-    head: nn.Linear
-
-    def __init__(self, body: nn.Module, head: nn.Linear, regression: bool):
-        super().__init__()
-        self.body = body
-        self.head = head
-        self.regression = regression
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, head_loss=None):
-        hidden = self.body(x)
-        if head_loss is not None:  # fused training path: the loss never sees full logits
-            return head_loss(hidden, self.head.weight, self.head.bias, target)
-        out = self.head(hidden)
-        return out.squeeze(-1) if self.regression else out
 
 
 def _mlp_body(in_features: int, widths: list[int], cfg: Any) -> tuple[nn.Module, int]:
@@ -117,9 +98,7 @@ def build_model(cfg: Any, info: DataInfo) -> nn.Module:
         return HeadModel(
             ConvBody(info.input_shape, cfg), nn.Linear(cfg.hidden, outputs), regression
         )
-    raise ConfigError(
-        f"model.name='{cfg.name}' is unknown; choose linear, mlp, cnn or transformer."
-    )
+    raise ConfigError(f"model.name='{cfg.name}' is unknown; choose {or_list(MODELS)}.")
 
 
 def _shape_keys(cfg: Any) -> str:

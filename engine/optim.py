@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import ConfigError
+from engine.config import OPTIMIZERS, ConfigError, or_list
 
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
@@ -33,7 +33,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **options
         )
-    raise ConfigError(f"optim.name='{cfg.name}' is unknown; choose adamw, adam or sgd.")
+    raise ConfigError(f"optim.name='{cfg.name}' is unknown; choose {or_list(OPTIMIZERS)}.")
 
 
 def warmup_steps(cfg: Any, total_steps: int) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.data import DataError, DataInfo, Dataset, Split
+from engine.dataset import DataError, DataInfo, Dataset, Split
 
 TOKEN = re.compile(r"\w+|[^\w\s]|\n")
 UNK, EOS = "<unk>", "<eos>"

@@ -36,11 +36,13 @@ from engine.config import (
     validate,
 )
 from engine.data import BatchLoader, DataError, DataInfo, build_dataset, write_data_info
+from engine.faults import Faults
 from engine.losses import Objective, resolve_loss_name
 from engine.models import build_model, check_model_fits
 from engine.optim import build_optimizer, build_scheduler
+from engine.task import Task
 from engine.tb import NullLogger, TBLogger, flatten
-from engine.trainer import NonFiniteError, Trainer, pick_device, pick_precision
+from engine.trainer import NonFiniteError, StopRun, Trainer, pick_device, pick_precision
 
 log = logging.getLogger("engine")
 
@@ -75,17 +77,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def metric_names(info: DataInfo, top_k: int = 5) -> list[str]:
-    """The keys the metrics report for this data (without the split prefix)."""
-    if info.task == "regression":
-        return ["mse", "rmse", "mae", "r2"]
-    names = ["acc", "precision", "recall", "f1"]
-    if info.num_classes > top_k:
-        names.append(f"top{top_k}")
-    names.append("ece")
-    return names + ["perplexity"] if info.task == "lm" else names
 
 
 def make_metrics_factory(info: DataInfo, device: torch.device) -> Callable[[], Any]:
@@ -132,6 +123,42 @@ def _resume_path(setting: str, run_dir: Path) -> Path | None:
 
 
 @dataclass
+class Runtime:
+    """Where a run computes: its device and precision, and its place in a DDP group."""
+
+    device: torch.device
+    precision: str
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Data:
+    """The data of a run: what the model and metrics need to know of it, and its loaders."""
+
+    info: DataInfo
+    train: BatchLoader
+    val: BatchLoader | None
+    test: BatchLoader
+    rows: tuple[int, int, int]  # train, val, test
+
+
+@dataclass
+class Components:
+    """What training updates: the model (and its DDP / compiled wrapper), loss, optimizer, LR."""
+
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+@dataclass
 class Job:
     """Everything a run builds before training; ``run`` = ``build_job`` + ``finish_job``."""
 
@@ -146,22 +173,8 @@ class Job:
     hparams_session: bool = True
 
 
-def build_job(
-    cfg: DictConfig,
-    run_dir: Path,
-    *,
-    epoch_callback: Callable[..., None] | None = None,
-    hparams_group: str = "",
-    hparams_session: bool = True,
-) -> Job:
-    """Validate, then build data, model, objective, optimizer and trainer (resumed if asked).
-
-    ``hparams_session=False`` leaves the HPARAMS session to the caller (a sweep writes it when the
-    trial ends, with the trial's state among the hparams)."""
-    validate(cfg)
-    run_dir = Path(run_dir)
-    # Plain dataclasses from here on: OmegaConf attribute access is too slow for a per-step path.
-    t = OmegaConf.to_object(cfg.trainer)
+def setup_runtime(t: Any) -> Runtime:
+    """Threads, device, precision, the DDP group (under torchrun) and the seeds."""
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     device = dist.local_device(pick_device(t.device))
@@ -174,70 +187,85 @@ def build_job(
     if rank != 0:  # one console and one train.log voice: rank 0's
         logging.getLogger().setLevel(logging.WARNING)
     seed_everything(t.seed)
+    return Runtime(device, precision, rank, world_size)
 
+
+def build_data(cfg: DictConfig, t: Any, rt: Runtime) -> Data:
+    """The dataset, split, on the device when it fits, behind this rank's loaders."""
     dataset = build_dataset(cfg.data)
     info = dataset.info
     resolve_loss_name(cfg.loss, info)  # a loss that does not fit the task fails before any compute
     splits = {k: getattr(dataset, k) for k in ("train", "val", "test")}
     if cfg.data.on_device:
-        splits = {k: (v.to(device) if v is not None else None) for k, v in splits.items()}
-    train_loader = BatchLoader(
-        splits["train"],
-        cfg.data.batch_size,
-        shuffle=True,
-        seed=t.seed,
-        rank=rank,
-        world_size=world_size,
-    )
+        splits = {k: (v.to(rt.device) if v is not None else None) for k, v in splits.items()}
+    share = {"rank": rt.rank, "world_size": rt.world_size}
+    train = BatchLoader(splits["train"], cfg.data.batch_size, shuffle=True, seed=t.seed, **share)
 
     def eval_loader(split):
         if split is None:
             return None
-        return BatchLoader(
-            split, cfg.data.eval_batch_size, shuffle=False, rank=rank, world_size=world_size
-        )
+        return BatchLoader(split, cfg.data.eval_batch_size, shuffle=False, **share)
 
-    check_model_fits(cfg.model, info, device)
-    model = build_model(cfg.model, info).to(device)
+    rows = tuple(len(splits[k]) if splits[k] is not None else 0 for k in ("train", "val", "test"))
+    return Data(info, train, eval_loader(splits["val"]), eval_loader(splits["test"]), rows)
+
+
+def build_components(cfg: DictConfig, t: Any, rt: Runtime, data: Data) -> Components:
+    """Model (sized against the device's memory first), objective, optimizer and LR schedule."""
+    check_model_fits(cfg.model, data.info, rt.device)
+    model = build_model(cfg.model, data.info).to(rt.device)
     fused_head = bool(cfg.model.fused_head) and cfg.loss.fused
-    objective = Objective(cfg.loss, info, fused_head=fused_head)
+    objective = Objective(cfg.loss, data.info, fused_head=fused_head)
     optimizer = build_optimizer(cfg.optim, model)
-    steps_per_epoch = -(-len(train_loader) // t.accumulate_grad_batches)
+    steps_per_epoch = -(-len(data.train) // t.accumulate_grad_batches)
     scheduler = build_scheduler(
         OmegaConf.to_object(cfg.sched), optimizer, steps_per_epoch * t.max_epochs, steps_per_epoch
     )
     wrapped: torch.nn.Module = model
-    if world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
+    if rt.world_size > 1:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if t.compile:
         wrapped = torch.compile(wrapped)
+    return Components(model, wrapped, objective, optimizer, scheduler)
 
+
+def build_trainer(
+    cfg: DictConfig,
+    t: Any,
+    run_dir: Path,
+    rt: Runtime,
+    data: Data,
+    parts: Components,
+    epoch_callback: Callable[..., None] | None,
+) -> tuple[Trainer, bool]:
+    """The trainer, resumed from the run dir's (or the given) checkpoint or started from
+    ``trainer.init_from``'s weights; returns it and whether it resumed."""
     resume = _resume_path(t.resume, run_dir)
-    is_main = rank == 0
-    if is_main:
+    if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_data_info(info, run_dir)
+        write_data_info(data.info, run_dir)
         for path in ckpt.remove_stale_temporaries(run_dir / "checkpoints"):
             log.info("removed %s, left half-written by an interrupted save", path.name)
     trainer = Trainer(
         t,
-        model=wrapped,
-        objective=objective,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_loader=train_loader,
-        val_loader=eval_loader(splits["val"]),
-        make_metrics=make_metrics_factory(info, device),
-        info=info,
-        device=device,
-        precision=precision,
+        model=parts.wrapped,
+        objective=parts.objective,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        train_loader=data.train,
+        val_loader=data.val,
+        make_metrics=make_metrics_factory(data.info, rt.device),
+        info=data.info,
+        device=rt.device,
+        precision=rt.precision,
         run_dir=run_dir,
         logger=NullLogger(),
-        rank=rank,
-        world_size=world_size,
+        rank=rt.rank,
+        world_size=rt.world_size,
         epoch_callback=epoch_callback,
         config_fingerprint=_fingerprint(cfg),
+        faults=Faults.from_env(),
     )
     if resume is not None:
         trainer.resume_from(resume)
@@ -245,40 +273,68 @@ def build_job(
             log.info("trainer.init_from=%s not applied: resuming from %s", t.init_from, resume)
     elif t.init_from:
         trainer.init_weights_from(t.init_from)
-    logger: Any = NullLogger()
-    if is_main:
-        logger = TBLogger(
-            run_dir / "tb", purge_step=trainer.state.global_step + 1 if resume else None
-        )
-        trainer.logger = logger
+    return trainer, resume is not None
+
+
+def attach_logger(
+    cfg: DictConfig, run_dir: Path, trainer: Trainer, resumed: bool, group: str, session: bool
+) -> TBLogger:
+    """The run's TensorBoard writer (rank 0): the config as text and, unless a sweep writes it
+    itself, the HPARAMS session's start. A resumed run purges what the killed one logged after
+    its last checkpoint."""
+    logger = TBLogger(run_dir / "tb", purge_step=trainer.state.global_step + 1 if resumed else None)
+    trainer.logger = logger
+    logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg) + "\n```")
+    if session:
         hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
         hparams.pop("search", None)
-        tags = [f"{split}/{n}" for split in ("val", "test") for n in ["loss", *metric_names(info)]]
-        logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg) + "\n```")
-        if hparams_session:
-            logger.hparams_start(hparams, tags, group=hparams_group)
+        logger.hparams_start(hparams, Task.of(trainer.info).tags(), group=group)
+    return logger
+
+
+def build_job(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    epoch_callback: Callable[..., None] | None = None,
+    hparams_group: str = "",
+    hparams_session: bool = True,
+) -> Job:
+    """Validate, then build the runtime, data, components and trainer (resumed if asked).
+
+    ``hparams_session=False`` leaves the HPARAMS session to the caller (a sweep writes it when the
+    trial ends, with the trial's state among the hparams)."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    # Plain dataclasses from here on: OmegaConf attribute access is too slow for a per-step path.
+    t = OmegaConf.to_object(cfg.trainer)
+    rt = setup_runtime(t)
+    data = build_data(cfg, t, rt)
+    parts = build_components(cfg, t, rt, data)
+    trainer, resumed = build_trainer(cfg, t, run_dir, rt, data, parts, epoch_callback)
+    logger: Any = NullLogger()
+    if rt.is_main:
+        logger = attach_logger(cfg, run_dir, trainer, resumed, hparams_group, hparams_session)
     log.info(
         "data=%s (%s, %d train / %d val / %d test rows)  model=%s (%.3gM params)  device=%s  precision=%s%s",
         cfg.data.name,
-        info.task,
-        len(dataset.train),
-        len(dataset.val) if dataset.val is not None else 0,
-        len(dataset.test),
+        data.info.task,
+        *data.rows,
         cfg.model.name,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        device,
-        precision,
-        f"  world_size={world_size}" if world_size > 1 else "",
+        sum(p.numel() for p in parts.model.parameters()) / 1e6,
+        rt.device,
+        rt.precision,
+        f"  world_size={rt.world_size}" if rt.world_size > 1 else "",
     )
     return Job(
         cfg,
         run_dir,
         trainer,
-        model,
-        info,
-        eval_loader(splits["test"]),
+        parts.model,
+        data.info,
+        data.test,
         logger,
-        is_main,
+        rt.is_main,
         hparams_session,
     )
 
@@ -308,9 +364,8 @@ def finish_job(job: Job) -> dict[str, float]:
             if job.info.task == "classification":
                 _log_figures(logger, trainer.eval_metrics, job.info, trainer.state.global_step)
         status = "success"
-    except BaseException as err:
-        # A sweep's pruning exception says how HPARAMS should show the trial; anything else failed.
-        status = getattr(err, "hparams_status", "failure")
+    except StopRun as stop:  # e.g. a sweep's pruner: not a failure, HPARAMS shows its status
+        status = stop.hparams_status
         raise
     finally:
         if job.is_main:
@@ -375,16 +430,6 @@ def main(cfg: DictConfig) -> float | None:
     _job_started = True
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.search is not None and cfg.search.worker is not None:
-        # A sweep worker started as a job by a Hydra launcher (engine/search/driver.py).
-        from engine.search.worker import run_worker
-
-        # On a GPU the job takes torch's default threads, as a worker process does.
-        threads = 0 if torch.cuda.is_available() else cfg.search.worker_threads
-        run_worker(
-            cfg.search.storage, cfg.search.study_name, worker=cfg.search.worker, threads=threads
-        )
-        return None
     try:
         results = run(cfg, run_dir)
     except (*USER_ERRORS, *CONFIG_ERRORS) as err:

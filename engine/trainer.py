@@ -27,10 +27,11 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine import distributed as dist
-from engine import faults
 from engine.config import ConfigError
 from engine.data import BatchLoader, DataInfo
+from engine.faults import Faults
 from engine.optim import LRSchedule, describe_warmup, warmup_capped
+from engine.task import Task, resolve_monitor
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,14 @@ EVAL_LOGITS_BUDGET = 1 << 24
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradients stopped being finite; the message names the step."""
+
+
+class StopRun(Exception):
+    """Raised by an ``epoch_callback`` to end a run early without it being a failure (a sweep's
+    pruner does). ``hparams_status`` is how TensorBoard's HPARAMS then shows the run: its API
+    knows success, failure and unknown, not "stopped early"."""
+
+    hparams_status = "unknown"
 
 
 @dataclass
@@ -93,17 +102,6 @@ def pick_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_monitor(monitor: str, mode: str, info: DataInfo) -> tuple[str, str]:
-    if monitor == "auto":
-        monitor = {"classification": "val/acc", "regression": "val/rmse", "lm": "val/loss"}[
-            info.task
-        ]
-    if mode == "auto":
-        higher = ("acc", "precision", "recall", "f1", "top", "r2")
-        mode = "max" if any(h in monitor.rsplit("/", 1)[-1] for h in higher) else "min"
-    return monitor, mode
-
-
 class Trainer:
     """Fits ``model`` on ``train_loader``, evaluating on ``val_loader`` after every epoch."""
 
@@ -127,6 +125,7 @@ class Trainer:
         world_size: int = 1,
         epoch_callback: Callable[..., None] | None = None,
         config_fingerprint: dict[str, Any] | None = None,
+        faults: Faults | None = None,
     ):
         self.cfg = cfg
         self.model = model  # possibly wrapped (DDP, torch.compile)
@@ -149,13 +148,15 @@ class Trainer:
         self.epoch_callback = epoch_callback
         self.config_fingerprint = config_fingerprint or {}
         self.state = FitState()
-        self.monitor, self.monitor_mode = resolve_monitor(cfg.monitor, cfg.monitor_mode, info)
+        self.task = Task.of(info)
+        self.monitor, self.monitor_mode = resolve_monitor(cfg.monitor, cfg.monitor_mode, self.task)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.progress = _progress_mode(cfg.progress)
         self.stop_reason = ""
-        self.checkpointer = ckpt.AsyncCheckpointer()
+        self.faults = faults  # the reliability tests' injected failures; None in a normal run
+        self.checkpointer = ckpt.AsyncCheckpointer(faults)
         # One metrics object, reset per evaluation; it keeps the last evaluation's state.
         self.eval_metrics: Any = None
 
@@ -255,19 +256,20 @@ class Trainer:
         samples = 0
         bar = self._bar(epoch, n_batches, first)
         autocast = self._autocast()
+        faults = self.faults
         for b, (x, y) in enumerate(loader.iter_from(first), start=first):
             if x.device != self.device:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast:
                 loss = self.objective(model, x, y)
-            if faults.NAN_AT_STEP and faults.nan_now(s.global_step + 1):
+            if faults is not None and faults.nan_now(s.global_step + 1):
                 loss = loss * float("nan")
             scaled = loss / accumulate if accumulate > 1 else loss
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum.add_(loss.detach(), alpha=x.shape[0])
             samples += x.shape[0]
             if (b + 1) % accumulate == 0 or b + 1 == n_batches:
-                if faults.KILL_AT_STEP:
+                if faults is not None:
                     faults.before_step(s.global_step + 1)
                 loss_value = self.optimizer_step(loss.detach(), epoch, b)
                 s.batch_in_epoch = b + 1
@@ -353,7 +355,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         rows = 0
         eval_loss = self.objective.logits_loss
-        regression = self.info.task == "regression"
+        task = self.task
+        regression = task.kind == "regression"
         with self._autocast():
             for x, y in loader:
                 if x.device != self.device:
@@ -366,8 +369,7 @@ class Trainer:
                     loss_sum.add_(eval_loss(out, target), alpha=target.numel())
                     rows += target.numel()
                     if regression:  # metrics in the target's own units
-                        mean, std = self.info.target_mean, self.info.target_std
-                        metrics.update(out * std + mean, target * std + mean)
+                        metrics.update(task.in_target_units(out), task.in_target_units(target))
                     else:
                         metrics.update(out.reshape(-1, out.shape[-1]), target.reshape(-1))
         if dist.is_initialized():  # sum and row count of every rank
@@ -377,8 +379,7 @@ class Trainer:
             loss_value = loss_sum.item()
         results = {f"{prefix}/loss": loss_value / max(rows, 1)}
         results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
-        if self.info.task == "lm":
-            results[f"{prefix}/perplexity"] = math.exp(min(results[f"{prefix}/loss"], 50.0))
+        results.update(task.derived(prefix, results))
         model.train(was_training)
         return results
 
@@ -616,16 +617,7 @@ class Trainer:
         self.logger.scalars(scalars | {"epoch": epoch + 1}, self.state.global_step)
         if self.progress == "none":
             return
-        shown = (
-            "train/loss",
-            "val/loss",
-            "val/acc",
-            "val/f1",
-            "val/rmse",
-            "val/r2",
-            "val/perplexity",
-        )
-        parts = [f"{k} {metrics[k]:.4f}" for k in shown if k in metrics]
+        parts = [f"{k} {metrics[k]:.4f}" for k in self.task.console_columns() if k in metrics]
         log.info(
             "epoch %d/%d  %s  %.0f samples/s  %.2fs%s",
             epoch + 1,

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ConfigError
-from engine.data import DataInfo
-from engine.models import HeadModel
+from engine.dataset import DataInfo
+from engine.head import HeadModel
 
 
 class Block(nn.Module):

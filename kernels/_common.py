@@ -1,15 +1,15 @@
-"""Helpers shared by the kernel modules: optional Triton, backend choice, lazy JIT, env knobs.
+"""Helpers shared by the kernel modules: optional Triton, backend choice, lazy JIT, block sizes.
 
 Triton is optional. Without it (macOS, CPU-only installs) every kernel module still imports,
 ``backend="auto"`` resolves to the PyTorch fallback, and ``backend="triton"`` raises a clear
 error. When Triton is absent ``tl`` is a stub whose only job is to keep the
 ``BLOCK: tl.constexpr`` annotations of the kernel functions evaluable at import time.
 
-Kernels are JIT-decorated lazily (:class:`LazyJit`), on their first launch, and once per value
-of ``TRITON_INTERPRET``. ``triton.jit`` reads that variable when it decorates, so decorating at
-import time would make the interpreter depend on import order: a test module that sets
-``TRITON_INTERPRET=1`` after some other module imported ``kernels`` would still get compiled
-(GPU-only) kernels.
+Kernels, and the helper functions they call, are JIT-decorated lazily (:class:`LazyJit`), on
+their first launch, and once per value of ``TRITON_INTERPRET``. ``triton.jit`` reads that
+variable when it decorates, so decorating at import time would make the interpreter depend on
+import order: a test module that sets ``TRITON_INTERPRET=1`` after some other module imported
+``kernels`` would still get compiled (GPU-only) kernels.
 """
 
 from __future__ import annotations
@@ -60,46 +60,39 @@ def pick_backend(tensor: torch.Tensor, backend: str) -> str:
     )
 
 
-def env_int(name: str, default: int) -> int:
-    """Integer tuning knob from the environment (read per call, so tests can monkeypatch it)."""
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise ValueError(f"{name}={value!r} is not an integer") from exc
-
-
-def env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return default
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ValueError(f"{name}={value!r} is not a number") from exc
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+def next_power_of_2(n: int, *, floor: int = 1) -> int:
+    """Smallest power of two >= max(n, floor), ``floor`` a power of two (``tl.arange`` extents
+    must be powers of two)."""
+    return max(floor, 1 if n <= 1 else 1 << (n - 1).bit_length())
 
 
 class LazyJit:
-    """``triton.jit`` applied on first launch, cached per interpreter mode.
+    """A Triton kernel passed to ``triton.jit`` at its first launch, once per interpreter mode.
 
-    Use exactly like a jitted kernel: ``kernel[grid](*args, BLOCK=..., num_warps=...)``.
+    Launch it like a jitted kernel: ``kernel[grid](*args, BLOCK=..., num_warps=...)``.
+    ``helpers`` are the plain ``@triton.jit``-style functions the kernel calls (directly or
+    through one another); they are jitted with it. Triton resolves a callee by its name in the
+    kernel's module globals and accepts only a jitted function there, so every launch makes
+    sure those names hold the helpers jitted for the current mode. Each mode keeps its own
+    jitted objects, so going back to a mode finds its compile cache intact.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, helpers=()):
         self.fn = fn
-        self._by_mode = {}
+        self.helpers = tuple(helpers)
+        self._by_mode: dict[bool, tuple] = {}
 
     def __getitem__(self, grid):
         mode = interpret_mode()
-        kernel = self._by_mode.get(mode)
-        if kernel is None:
+        jitted = self._by_mode.get(mode)
+        if jitted is None:
             if not HAS_TRITON:
                 raise RuntimeError("triton is not importable")
-            kernel = self._by_mode[mode] = triton.jit(self.fn)
+            helpers = {fn.__name__: triton.jit(fn) for fn in self.helpers}
+            jitted = self._by_mode[mode] = (triton.jit(self.fn), helpers)
+        kernel, helpers = jitted
+        scope = self.fn.__globals__
+        for name, helper in helpers.items():
+            if scope.get(name) is not helper:
+                scope[name] = helper
         return kernel[grid]

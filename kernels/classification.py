@@ -46,43 +46,9 @@ import functools
 
 import torch
 
-from kernels._common import interpret_mode, next_power_of_2, pick_backend, tl, triton
+from kernels._common import LazyJit, next_power_of_2, pick_backend, tl, triton
 
 DENSE_MAX_CLASSES = 256
-
-
-class JitRegistry:
-    """Kernel functions passed to ``triton.jit`` at first launch, helpers included.
-
-    ``triton.jit`` decides between compiling and interpreting when it runs (from
-    ``TRITON_INTERPRET``), so it is deferred to the first launch and redone if the variable
-    changed: a test that sets the variable after another module imported this package still
-    gets the interpreter. Unlike ``kernels._common.LazyJit`` (one function), this also jits the
-    ``@triton.jit`` helpers a kernel calls: they are rebound under their own names in the
-    module's globals, which is where Triton resolves callees.
-    """
-
-    def __init__(self, module_globals: dict):
-        self._globals = module_globals
-        self._raw: dict = {}
-        self._mode: bool | None = None
-
-    def register(self, fn):
-        self._raw[fn.__name__] = fn
-        return fn
-
-    def get(self, name: str):
-        mode = interpret_mode()
-        if self._mode is not mode:
-            for fn_name, fn in self._raw.items():
-                self._globals[fn_name] = triton.jit(fn)
-            self._mode = mode
-        return self._globals[name]
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 2) (tl.arange extents must be powers of two)."""
-    return max(2, next_power_of_2(n))
 
 
 # --------------------------------------------------------------------------------------
@@ -378,31 +344,32 @@ def _dense_tie_count(x, x_t, t):
 # --------------------------------------------------------------------------------------
 # Triton kernel
 # --------------------------------------------------------------------------------------
-_jit = JitRegistry(globals()) if triton is not None else None
 _TILE = 4096  # logits per [BLOCK_N, BLOCK_C] tile: enough loads in flight, modest registers
 _LOCAL_CONFUSION_MAX = 256  # dense C*C (rounded up) reduced in registers before the atomics
+# Smallest block extent: C = 1 or top_k = 1 still gets 2-wide (masked) blocks, not 1-wide ones.
+_MIN_EXTENT = 2
 
 
 def _launch_config(num_classes: int, has_logits: bool, st: ClassificationStats) -> dict:
     """Block sizes: one row tile loops over C in BLOCK_C chunks; small C gets many rows."""
-    cc_pow2 = next_pow2(num_classes * num_classes)
+    cc_pow2 = next_power_of_2(num_classes * num_classes, floor=_MIN_EXTENT)
     local_cm = st.dense and cc_pow2 <= _LOCAL_CONFUSION_MAX
     if has_logits:
-        block_c = min(next_pow2(num_classes), 1024)
+        block_c = min(next_power_of_2(num_classes, floor=_MIN_EXTENT), 1024)
         block_n = max(1, min(128, _TILE // block_c))
     else:
-        block_c, block_n = 2, 256
+        block_c, block_n = _MIN_EXTENT, 256
     if local_cm:  # the one-hot [BLOCK_N, CC_POW2] reduction must stay small too
         block_n = max(1, min(block_n, 16384 // cc_pow2))
     return dict(
         HAS_LOGITS=has_logits,
         DENSE=st.dense,
         LOCAL_CM=local_cm,
-        CC_POW2=cc_pow2 if local_cm else 2,
+        CC_POW2=cc_pow2 if local_cm else _MIN_EXTENT,
         TOP_K=st.top_k,
-        K_POW2=next_pow2(st.top_k),
+        K_POW2=next_power_of_2(st.top_k, floor=_MIN_EXTENT),
         N_BINS=st.ece_bins,
-        BINS_POW2=next_pow2(st.ece_bins + 1),
+        BINS_POW2=next_power_of_2(st.ece_bins + 1, floor=_MIN_EXTENT),
         BLOCK_N=block_n,
         BLOCK_C=block_c,
         num_warps=8 if block_n * block_c >= 4096 else 4,
@@ -434,7 +401,7 @@ def _triton_update(preds, target, st, ignore_index, max_programs=None):
     scratch = torch.zeros(st.n_counts, dtype=torch.int32, device=preds.device)
     conf_scratch = torch.zeros(st.ece_bins + 1, dtype=torch.float64, device=preds.device)
     grid = (_grid_size(n, cfg["BLOCK_N"], preds.device, max_programs),)
-    _jit.get("_cls_stats_kernel")[grid](
+    _cls_stats[grid](
         preds,
         preds.stride(0),
         target,
@@ -456,152 +423,159 @@ def _triton_update(preds, target, st, ignore_index, max_programs=None):
     st.conf_sum[: st.ece_bins + 1] += conf_scratch
 
 
-if triton is not None:
+def _row_softmax_argmax_rank(
+    x_ptr,
+    stride_xn,
+    rows,
+    row_ok,
+    t,
+    x_t,
+    C,
+    DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One sweep over C for a row tile: online max / first argmax / sum-exp and the
+    target's tie-broken rank. Returns (pred, confidence, rank)."""
+    m = tl.full([BLOCK_N], float("-inf"), DTYPE)
+    s = tl.zeros([BLOCK_N], DTYPE)
+    arg = tl.zeros([BLOCK_N], tl.int32)
+    rank = tl.zeros([BLOCK_N], tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < C)[None, :]
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=float("-inf")
+        )
+        x = x.to(DTYPE)
+        # first column reaching the block max (one fused reduction); across blocks a
+        # later block must be strictly larger, so ties keep the lowest index (argmax rule)
+        blk_max, blk_arg = tl.max(
+            x, axis=1, return_indices=True, return_indices_tie_break_left=True
+        )
+        arg = tl.where(blk_max > m, c0 + blk_arg, arg)
+        new_m = tl.maximum(m, blk_max)
+        shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: avoid nan
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        m = new_m
+        before = (x > x_t[:, None]) | ((x == x_t[:, None]) & (cols[None, :] < t[:, None]))
+        rank += tl.sum(before.to(tl.int32), axis=1)
+    s = tl.where(s > 0, s, 1.0)  # padding rows (and all -inf rows) would divide by zero
+    return arg, (1.0 / s).to(tl.float32), rank
 
-    @_jit.register
-    def _row_softmax_argmax_rank(
-        x_ptr,
-        stride_xn,
-        rows,
-        row_ok,
-        t,
-        x_t,
-        C,
-        DTYPE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        """One sweep over C for a row tile: online max / first argmax / sum-exp and the
-        target's tie-broken rank. Returns (pred, confidence, rank)."""
-        m = tl.full([BLOCK_N], float("-inf"), DTYPE)
-        s = tl.zeros([BLOCK_N], DTYPE)
-        arg = tl.zeros([BLOCK_N], tl.int32)
-        rank = tl.zeros([BLOCK_N], tl.int32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (cols < C)[None, :]
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=float("-inf")
-            )
-            x = x.to(DTYPE)
-            # first column reaching the block max (one fused reduction); across blocks a
-            # later block must be strictly larger, so ties keep the lowest index (argmax rule)
-            blk_max, blk_arg = tl.max(
-                x, axis=1, return_indices=True, return_indices_tie_break_left=True
-            )
-            arg = tl.where(blk_max > m, c0 + blk_arg, arg)
-            new_m = tl.maximum(m, blk_max)
-            shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: avoid nan
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-            m = new_m
-            before = (x > x_t[:, None]) | ((x == x_t[:, None]) & (cols[None, :] < t[:, None]))
-            rank += tl.sum(before.to(tl.int32), axis=1)
-        s = tl.where(s > 0, s, 1.0)  # padding rows (and all -inf rows) would divide by zero
-        return arg, (1.0 / s).to(tl.float32), rank
 
-    @_jit.register
-    def _bin_index(conf, bounds_ptr, N_BINS: tl.constexpr, BINS_POW2: tl.constexpr):
-        """bucketize(conf, linspace(0, 1, N_BINS + 1), right=True) - 1 = #edges[1:] <= conf."""
-        j = tl.arange(0, BINS_POW2)
-        edges = tl.load(bounds_ptr + j, mask=(j >= 1) & (j <= N_BINS), other=float("inf"))
-        return tl.sum((conf[:, None] >= edges[None, :]).to(tl.int32), axis=1)
+def _bin_index(conf, bounds_ptr, N_BINS: tl.constexpr, BINS_POW2: tl.constexpr):
+    """bucketize(conf, linspace(0, 1, N_BINS + 1), right=True) - 1 = #edges[1:] <= conf."""
+    j = tl.arange(0, BINS_POW2)
+    edges = tl.load(bounds_ptr + j, mask=(j >= 1) & (j <= N_BINS), other=float("inf"))
+    return tl.sum((conf[:, None] >= edges[None, :]).to(tl.int32), axis=1)
 
-    @_jit.register
-    def _histogram(values, keep, SIZE: tl.constexpr):
-        """Block-local histogram of ``values`` (rows where ``keep``) over [0, SIZE)."""
-        onehot = (values[:, None] == tl.arange(0, SIZE)[None, :]) & keep[:, None]
-        return tl.sum(onehot.to(tl.int32), axis=0)
 
-    @_jit.register
-    def _flush(ptr, acc, size, SIZE: tl.constexpr):
-        """Add a register histogram into global memory, skipping empty lanes."""
-        j = tl.arange(0, SIZE)
-        tl.atomic_add(ptr + j, acc, mask=(j < size) & (acc != 0))
+def _histogram(values, keep, SIZE: tl.constexpr):
+    """Block-local histogram of ``values`` (rows where ``keep``) over [0, SIZE)."""
+    onehot = (values[:, None] == tl.arange(0, SIZE)[None, :]) & keep[:, None]
+    return tl.sum(onehot.to(tl.int32), axis=0)
 
-    @_jit.register
-    def _cls_stats_kernel(
-        x_ptr,
-        stride_xn,
-        t_ptr,
-        N,
-        C,
-        ignore_index,
-        bounds_ptr,
-        cnt_ptr,
-        conf_ptr,
-        off_topk,
-        off_ece_count,
-        off_ece_correct,
-        off_invalid,
-        HAS_IGNORE: tl.constexpr,
-        HAS_LOGITS: tl.constexpr,
-        DENSE: tl.constexpr,
-        LOCAL_CM: tl.constexpr,
-        CC_POW2: tl.constexpr,
-        TOP_K: tl.constexpr,
-        K_POW2: tl.constexpr,
-        N_BINS: tl.constexpr,
-        BINS_POW2: tl.constexpr,
-        DTYPE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
-        rank_acc = tl.zeros([K_POW2], tl.int32)
-        ece_cnt = tl.zeros([BINS_POW2], tl.int32)
-        ece_cor = tl.zeros([BINS_POW2], tl.int32)
-        ece_conf = tl.zeros([BINS_POW2], tl.float64)
-        cm_acc = tl.zeros([CC_POW2], tl.int32)
-        n_invalid = tl.zeros([BLOCK_N], tl.int32)
-        for blk in range(pid, tl.cdiv(N, BLOCK_N), n_prog):
-            rows = (blk * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-            row_ok = rows < N
-            t = tl.load(t_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-            kept = row_ok
-            if HAS_IGNORE:
-                kept = kept & (t != ignore_index)
-            ok = (t >= 0) & (t < C)
-            if HAS_LOGITS:
-                t = tl.where(kept & ok, t, 0)
-                x_t = tl.load(x_ptr + rows * stride_xn + t, mask=kept & ok, other=0.0).to(DTYPE)
-                pred, conf, rank = _row_softmax_argmax_rank(
-                    x_ptr, stride_xn, rows, row_ok, t, x_t, C, DTYPE, BLOCK_N, BLOCK_C
-                )
-                pred = pred.to(tl.int64)
-            else:
-                pred = tl.load(x_ptr + rows * stride_xn, mask=row_ok, other=0).to(tl.int64)
-                ok = ok & (pred >= 0) & (pred < C)
-            valid = kept & ok
-            n_invalid += (kept & ~ok).to(tl.int32)
-            t = tl.where(valid, t, 0)
-            pred = tl.where(valid, pred, 0)
-            correct = valid & (pred == t)
-            if HAS_LOGITS:
-                rank_acc += _histogram(rank, valid, K_POW2)
-                bins = _bin_index(conf, bounds_ptr, N_BINS, BINS_POW2)
-                ece_cnt += _histogram(bins, valid, BINS_POW2)
-                ece_cor += _histogram(bins, correct, BINS_POW2)
-                in_bin = (bins[:, None] == tl.arange(0, BINS_POW2)[None, :]) & valid[:, None]
-                ece_conf += tl.sum(tl.where(in_bin, conf[:, None].to(tl.float64), 0.0), axis=0)
-            if DENSE:
-                if LOCAL_CM:
-                    cm_acc += _histogram(t * C + pred, valid, CC_POW2)
-                else:
-                    tl.atomic_add(
-                        cnt_ptr + t * C + pred, tl.full([BLOCK_N], 1, tl.int32), mask=valid
-                    )
-            else:
-                one = tl.full([BLOCK_N], 1, tl.int32)
-                tl.atomic_add(cnt_ptr + t, one, mask=correct)
-                tl.atomic_add(cnt_ptr + C + pred, one, mask=valid)
-                tl.atomic_add(cnt_ptr + 2 * C + t, one, mask=valid)
+
+def _flush(ptr, acc, size, SIZE: tl.constexpr):
+    """Add a register histogram into global memory, skipping empty lanes."""
+    j = tl.arange(0, SIZE)
+    tl.atomic_add(ptr + j, acc, mask=(j < size) & (acc != 0))
+
+
+def _cls_stats_kernel(
+    x_ptr,
+    stride_xn,
+    t_ptr,
+    N,
+    C,
+    ignore_index,
+    bounds_ptr,
+    cnt_ptr,
+    conf_ptr,
+    off_topk,
+    off_ece_count,
+    off_ece_correct,
+    off_invalid,
+    HAS_IGNORE: tl.constexpr,
+    HAS_LOGITS: tl.constexpr,
+    DENSE: tl.constexpr,
+    LOCAL_CM: tl.constexpr,
+    CC_POW2: tl.constexpr,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    N_BINS: tl.constexpr,
+    BINS_POW2: tl.constexpr,
+    DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Persistent program: strides over row blocks, keeps every histogram in registers, and
+    adds them to ``cnt_ptr`` / ``conf_ptr`` once at the end.
+
+    One function: a Triton kernel is one launch; the row sweep, binning, histograms and
+    flushes are already ``@triton.jit`` helpers, and what is left is the row-block loop that
+    carries the per-program accumulators through them.
+    """
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    rank_acc = tl.zeros([K_POW2], tl.int32)
+    ece_cnt = tl.zeros([BINS_POW2], tl.int32)
+    ece_cor = tl.zeros([BINS_POW2], tl.int32)
+    ece_conf = tl.zeros([BINS_POW2], tl.float64)
+    cm_acc = tl.zeros([CC_POW2], tl.int32)
+    n_invalid = tl.zeros([BLOCK_N], tl.int32)
+    for blk in range(pid, tl.cdiv(N, BLOCK_N), n_prog):
+        rows = (blk * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < N
+        t = tl.load(t_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        kept = row_ok
+        if HAS_IGNORE:
+            kept = kept & (t != ignore_index)
+        ok = (t >= 0) & (t < C)
         if HAS_LOGITS:
-            _flush(cnt_ptr + off_topk, rank_acc, TOP_K, K_POW2)
-            _flush(cnt_ptr + off_ece_count, ece_cnt, N_BINS + 1, BINS_POW2)
-            _flush(cnt_ptr + off_ece_correct, ece_cor, N_BINS + 1, BINS_POW2)
-            _flush(conf_ptr, ece_conf, N_BINS + 1, BINS_POW2)
-        if LOCAL_CM:
-            _flush(cnt_ptr, cm_acc, C * C, CC_POW2)
-        inv = tl.sum(n_invalid, axis=0)
-        tl.atomic_add(cnt_ptr + off_invalid, inv, mask=inv > 0)
+            t = tl.where(kept & ok, t, 0)
+            x_t = tl.load(x_ptr + rows * stride_xn + t, mask=kept & ok, other=0.0).to(DTYPE)
+            pred, conf, rank = _row_softmax_argmax_rank(
+                x_ptr, stride_xn, rows, row_ok, t, x_t, C, DTYPE, BLOCK_N, BLOCK_C
+            )
+            pred = pred.to(tl.int64)
+        else:
+            pred = tl.load(x_ptr + rows * stride_xn, mask=row_ok, other=0).to(tl.int64)
+            ok = ok & (pred >= 0) & (pred < C)
+        valid = kept & ok
+        n_invalid += (kept & ~ok).to(tl.int32)
+        t = tl.where(valid, t, 0)
+        pred = tl.where(valid, pred, 0)
+        correct = valid & (pred == t)
+        if HAS_LOGITS:
+            rank_acc += _histogram(rank, valid, K_POW2)
+            bins = _bin_index(conf, bounds_ptr, N_BINS, BINS_POW2)
+            ece_cnt += _histogram(bins, valid, BINS_POW2)
+            ece_cor += _histogram(bins, correct, BINS_POW2)
+            in_bin = (bins[:, None] == tl.arange(0, BINS_POW2)[None, :]) & valid[:, None]
+            ece_conf += tl.sum(tl.where(in_bin, conf[:, None].to(tl.float64), 0.0), axis=0)
+        if DENSE:
+            if LOCAL_CM:
+                cm_acc += _histogram(t * C + pred, valid, CC_POW2)
+            else:
+                tl.atomic_add(cnt_ptr + t * C + pred, tl.full([BLOCK_N], 1, tl.int32), mask=valid)
+        else:
+            one = tl.full([BLOCK_N], 1, tl.int32)
+            tl.atomic_add(cnt_ptr + t, one, mask=correct)
+            tl.atomic_add(cnt_ptr + C + pred, one, mask=valid)
+            tl.atomic_add(cnt_ptr + 2 * C + t, one, mask=valid)
+    if HAS_LOGITS:
+        _flush(cnt_ptr + off_topk, rank_acc, TOP_K, K_POW2)
+        _flush(cnt_ptr + off_ece_count, ece_cnt, N_BINS + 1, BINS_POW2)
+        _flush(cnt_ptr + off_ece_correct, ece_cor, N_BINS + 1, BINS_POW2)
+        _flush(conf_ptr, ece_conf, N_BINS + 1, BINS_POW2)
+    if LOCAL_CM:
+        _flush(cnt_ptr, cm_acc, C * C, CC_POW2)
+    inv = tl.sum(n_invalid, axis=0)
+    tl.atomic_add(cnt_ptr + off_invalid, inv, mask=inv > 0)
+
+
+_cls_stats = LazyJit(
+    _cls_stats_kernel, helpers=(_row_softmax_argmax_rank, _bin_index, _histogram, _flush)
+)

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._common import LazyJit, env_int, next_power_of_2, pick_backend, tl
+from kernels._common import LazyJit, next_power_of_2, pick_backend, tl
 
 __all__ = ["cross_entropy"]
 
@@ -121,6 +121,8 @@ def _ce_rows_kernel(
     """One row: loss[row] and, if WRITE_GRAD, g[row, :] = scale[row] * d loss[row] / d x[row, :].
 
     g may alias x (in-place gradient): every element is loaded before it is stored.
+    One function: a Triton kernel is one launch, and its two passes share the row's lse and
+    gradient coefficients, so the steps are marked by comments rather than split into helpers.
     """
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
@@ -216,16 +218,17 @@ _ce_rows = LazyJit(_ce_rows_kernel)
 _scale_rows = LazyJit(_scale_rows_kernel)
 
 
-def launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a row of n_cols; env KERNELS_CE_BLOCK / KERNELS_CE_WARPS override.
+# Widest column block of one row program, meant for H100/H200-class GPUs: wide blocks keep many
+# loads in flight per row; untuned on hardware so far. Read at each launch, so a benchmark or a
+# test can set it (the tests use 64 to get several blocks per row).
+MAX_BLOCK = 8192
 
-    Defaults are meant for H100/H200-class GPUs: wide blocks keep many loads in flight per
-    row program; untuned on hardware so far, hence the knobs.
-    """
-    block = next_power_of_2(max(1, env_int("KERNELS_CE_BLOCK", 8192)))
-    block = min(block, next_power_of_2(n_cols))
-    default_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16 if block <= 8192 else 32
-    return block, env_int("KERNELS_CE_WARPS", default_warps)
+
+def launch_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row of n_cols: MAX_BLOCK or the row rounded up, if narrower."""
+    block = min(next_power_of_2(MAX_BLOCK), next_power_of_2(n_cols))
+    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16 if block <= 8192 else 32
+    return block, warps
 
 
 # --------------------------------------------------------------------------- row backends

@@ -32,10 +32,10 @@ When gradients are computed
         CE kernel's per-row scale. One extra forward matmul, same memory bound.
 
 Chunk size: ``chunk_size`` if given; else on CUDA the rows whose logits fit in
-min(KERNELS_LCE_MEM_FRACTION (0.25) * (free memory - dW and dx buffers),
-KERNELS_LCE_CHUNK_BYTES (1 GiB)), on CPU in KERNELS_LCE_CHUNK_BYTES (64 MiB), rounded down to
-a multiple of 128 rows. The torch fallback splits each chunk further for its fp32 temporaries
-(kernels.cross_entropy.TORCH_CHUNK_BYTES).
+min(CUDA_MEM_FRACTION (0.25) * (free memory - dW and dx buffers), CUDA_CHUNK_BYTES (1 GiB)),
+on CPU in CPU_CHUNK_BYTES (64 MiB), rounded down to a multiple of 128 rows
+(:func:`pick_chunk_size`, whose keywords override those budgets). The torch fallback splits
+each chunk further for its fp32 temporaries (kernels.cross_entropy.TORCH_CHUNK_BYTES).
 
 fp32 dW accumulation for bf16/fp16 on CUDA uses a GEMM with fp32 output added into the
 accumulator (``torch.addmm(..., out_dtype=torch.float32)``), else ``torch.mm(out_dtype=)`` per
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._common import env_float, env_int, pick_backend
+from kernels._common import pick_backend
 from kernels.cross_entropy import (
     ROW_BACKENDS,
     check_args,
@@ -70,12 +70,21 @@ _ACC_TMP_BYTES = 256 * 2**20
 
 
 def pick_chunk_size(
-    n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, chunk_size=None
+    n: int,
+    h: int,
+    v: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk_size=None,
+    *,
+    chunk_bytes: int | None = None,
+    mem_fraction: float = CUDA_MEM_FRACTION,
 ) -> int:
     """Rows per chunk so that one chunk of [rows, V] logits stays within the memory budget.
 
-    On CUDA the budget is a fraction of the free memory left after the gradient buffers this
-    call allocates (fp32 dW [V, H], dx [N, H]), capped; on CPU it is fixed.
+    On CUDA the budget is ``mem_fraction`` of the free memory left after the gradient buffers
+    this call allocates (fp32 dW [V, H], dx [N, H]), capped at ``chunk_bytes``; on CPU it is
+    ``chunk_bytes``. ``chunk_bytes`` defaults to CUDA_CHUNK_BYTES or CPU_CHUNK_BYTES.
     """
     if chunk_size is not None:
         if int(chunk_size) < 1:
@@ -85,10 +94,10 @@ def pick_chunk_size(
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free -= v * h * 4 + n * h * elt
-        fraction = env_float("KERNELS_LCE_MEM_FRACTION", CUDA_MEM_FRACTION)
-        budget = min(free * fraction, env_int("KERNELS_LCE_CHUNK_BYTES", CUDA_CHUNK_BYTES))
+        cap = CUDA_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        budget = min(free * mem_fraction, cap)
     else:
-        budget = env_int("KERNELS_LCE_CHUNK_BYTES", CPU_CHUNK_BYTES)
+        budget = CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows = max(1, int(budget // (max(v, 1) * elt)))
     if rows >= n:
         return max(n, 1)

@@ -23,9 +23,11 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels._common as common  # noqa: E402
 from kernels import cross_entropy  # noqa: E402
+from kernels._common import tl  # noqa: E402
 
 # importlib: the package attribute kernels.cross_entropy is the function, not the module.
 ce_mod = importlib.import_module("kernels.cross_entropy")
+DEFAULT_MAX_BLOCK = ce_mod.MAX_BLOCK
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = common.HAS_TRITON and (DEVICE == "cuda" or common.interpret_mode())
 # "torch" runs the fallback's closed-form autograd Function; "torch-small" the path that small
@@ -42,7 +44,7 @@ TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16:
 @pytest.fixture(autouse=True)
 def _small_blocks(monkeypatch):
     # BLOCK=64 makes C=257 span five blocks with a ragged tail: exercises the online softmax.
-    monkeypatch.setenv("KERNELS_CE_BLOCK", "64")
+    monkeypatch.setattr(ce_mod, "MAX_BLOCK", 64)
 
 
 @pytest.fixture(autouse=True)
@@ -205,7 +207,7 @@ def test_odd_class_counts(backend, c):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_block_size(backend, monkeypatch):
-    monkeypatch.delenv("KERNELS_CE_BLOCK")
+    monkeypatch.setattr(ce_mod, "MAX_BLOCK", DEFAULT_MAX_BLOCK)
     logits, target, weight, opts = build("everything", 9, 300, torch.float32)
     loss, grad, ref, ref_grad = run_both(logits, target, backend, "mean", weight, **opts)
     close(loss, ref, torch.float32)
@@ -406,6 +408,35 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(RuntimeError, match="not importable"):
         common.pick_backend(cpu, "triton")
     assert common.pick_backend(cpu, "auto") == "torch"
+
+
+def _twice(x):
+    return x * 2
+
+
+def _twice_kernel(out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _twice(offs))
+
+
+@pytest.mark.skipif(not common.HAS_TRITON, reason="triton not importable")
+def test_lazy_jit_binds_the_helpers_of_the_current_mode(monkeypatch):
+    """The kernel and its helpers are jitted once per TRITON_INTERPRET mode, and each launch
+    finds the helpers of its own mode under their names (where Triton resolves callees)."""
+    monkeypatch.setitem(globals(), "_twice", _twice)  # restored: the launches rebind it
+    kernel = common.LazyJit(_twice_kernel, helpers=(_twice,))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernel[(1,)]  # jits for the compiler; nothing is launched without the call
+    compiled = globals()["_twice"]
+    assert isinstance(compiled, common.triton.runtime.JITFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = torch.zeros(8, dtype=torch.int32)
+    kernel[(1,)](out, BLOCK=8)
+    assert out.tolist() == [2 * i for i in range(8)]
+    assert globals()["_twice"] is not compiled
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernel[(1,)]
+    assert globals()["_twice"] is compiled
 
 
 def test_imports_and_falls_back_without_triton():

@@ -36,7 +36,7 @@ TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 1.5e-2), torch.float1
 
 @pytest.fixture(autouse=True)
 def _small_blocks(monkeypatch):
-    monkeypatch.setenv("KERNELS_CE_BLOCK", "64")  # several column blocks per row in the kernel
+    monkeypatch.setattr(ce_mod, "MAX_BLOCK", 64)  # several column blocks per row in the kernel
 
 
 def reference(x, w, target, b=None, cw=None, ignore_index=-100, ls=0.0, z=0.0, reduction="mean"):
@@ -249,7 +249,7 @@ def test_never_holds_all_logits(backend, monkeypatch):
     assert seen == [(6, 50), (6, 50), (6, 50), (5, 50)]
 
 
-def test_pick_chunk_size(monkeypatch):
+def test_pick_chunk_size():
     cpu = torch.device("cpu")
     assert lce_mod.pick_chunk_size(1000, 8, 50, torch.float32, cpu, chunk_size=7) == 7
     with pytest.raises(ValueError):
@@ -257,9 +257,10 @@ def test_pick_chunk_size(monkeypatch):
     # Default CPU budget: 64 MiB of fp32 logits -> 2**24 / 32000 = 524 rows -> 512 (128-multiple).
     assert lce_mod.pick_chunk_size(10**6, 64, 32000, torch.float32, cpu) == 512
     assert lce_mod.pick_chunk_size(100, 64, 32000, torch.float32, cpu) == 100
-    monkeypatch.setenv("KERNELS_LCE_CHUNK_BYTES", str(50 * 4 * 100))
-    assert lce_mod.pick_chunk_size(10**6, 8, 50, torch.float32, cpu) == 100
-    assert lce_mod.pick_chunk_size(10**6, 8, 50, torch.bfloat16, cpu) == 200 - 200 % 128
+    budget = 50 * 4 * 100
+    assert lce_mod.pick_chunk_size(10**6, 8, 50, torch.float32, cpu, chunk_bytes=budget) == 100
+    bf16_rows = lce_mod.pick_chunk_size(10**6, 8, 50, torch.bfloat16, cpu, chunk_bytes=budget)
+    assert bf16_rows == 200 - 200 % 128
 
 
 def test_weight_gradient_accumulates_in_fp32():

@@ -22,10 +22,10 @@ import pytest
 from conftest import REPO
 from optuna.trial import TrialState
 
+from engine.config import SAMPLERS
 from engine.search.storage import open_storage
 
 FAST = ["data.batch_size=256", "trainer.progress=none", "trainer.num_threads=1"]
-PRESETS = ["grid", "random", "tpe", "gp", "cmaes", "nsga2"]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -53,7 +53,7 @@ def _storage(kind: str, tmp_path: Path) -> tuple[list[str], str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["journal", "sqlite", "postgresql"])
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", SAMPLERS)  # each preset is named after its sampler
 def test_every_preset_on_every_storage_runs_the_exact_count_with_two_workers(
     cli, tmp_path, preset, storage
 ):

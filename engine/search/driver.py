@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
 from engine import redact
-from engine.config import ConfigError, check_override_keys, validate
+from engine.config import SAMPLERS, ConfigError, check_override_keys, validate
 from engine.search import storage as st
 from engine.search import summary
 from engine.search.space import Param, grid, parse_space
@@ -107,25 +108,18 @@ def _first_line(err: BaseException, n: int = 1) -> str:
 
 def resolve_objectives(config: DictConfig) -> tuple[list[str], list[str], list[str]]:
     """(metrics, directions, metric tags) from search.metric(s)/direction(s), ``auto`` resolved
-    from the data's task, as trainer.monitor does."""
-    from engine.data import build_dataset
-    from engine.train import metric_names
-    from engine.trainer import resolve_monitor
+    for the data's task, as trainer.monitor is; the task is learnt without building the data
+    (a missing csv file or target column fails here, before any worker starts)."""
+    from engine.data import describe_task
+    from engine.task import optuna_direction, resolve_monitor
 
     s = config.search
-    info = build_dataset(config.data).info  # bad data fails here, before any worker starts
+    task = describe_task(config.data)
     metrics = list(s.metrics) if s.metrics else [s.metric]
     given = list(s.directions) if s.directions else [s.direction] * len(metrics)
-    metrics = [resolve_monitor(m, "auto", info)[0] for m in metrics]
-    directions = []
-    for metric, direction in zip(metrics, given):
-        if direction == "auto":
-            direction = (
-                "maximize" if resolve_monitor(metric, "auto", info)[1] == "max" else "minimize"
-            )
-        directions.append(direction)
-    tags = [f"{split}/{n}" for split in ("val", "test") for n in ["loss", *metric_names(info)]]
-    return metrics, directions, tags
+    metrics = [resolve_monitor(m, "auto", task)[0] for m in metrics]
+    directions = [optuna_direction(m, d) for m, d in zip(metrics, given)]
+    return metrics, directions, task.tags()
 
 
 def _config_sources(config: DictConfig) -> tuple[str, list[str]]:
@@ -145,7 +139,7 @@ def plan(config: DictConfig, arguments: list[str], hydra_context: Any = None) ->
     if s is None:
         raise ConfigError(
             "the engine sweeper needs a search preset: python -m engine.train -m search=tpe "
-            "(grid, random, tpe, gp, cmaes, nsga2)."
+            f"({', '.join(SAMPLERS)})."
         )
     job = copy.deepcopy(config)
     with open_dict(job):
@@ -362,82 +356,87 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def run_processes(
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
-    spec: Spec,
-    storage_arg: str,
-    n_workers: int | None,
-    progress: Progress,
-) -> Workers:
+class _Supervisor:
+    """Watches the worker processes of one sweep command: restarts one that died while trials
+    wait, retries the trials of killed ones, and says when the budget is spent."""
+
+    def __init__(self, sweep: Sweep, workers: Workers, progress: Progress):
+        self.sweep, self.workers, self.progress = sweep, workers, progress
+        self.study_id = sweep.storage.get_study_id_from_name(sweep.study_name)
+        self.restarts, self.max_restarts = 0, 2 * workers.n + 2
+
+    def spent(self) -> bool:
+        trials = self.sweep.storage.get_all_trials(self.study_id, deepcopy=False)
+        self.progress.update(trials)
+        counted, running, waiting = st.budget(trials)
+        return counted >= self.sweep.spec.n_trials and not running and not waiting
+
+    def failing(self) -> bool:
+        trials = self.sweep.study.get_trials(deepcopy=False)
+        return st.failures_in_a_row(trials, self.sweep.spec.session) >= self.sweep.spec.max_failures
+
+    def can_restart(self) -> bool:
+        return (
+            bool(_waiting(self.sweep.study))
+            and not self.failing()
+            and (self.restarts < self.max_restarts)
+        )
+
+    def watch(self) -> bool:
+        """Until every worker has exited (False) or the budget is spent (True)."""
+        while self.workers.procs:
+            time.sleep(0.1)
+            if self.spent():
+                return True
+            for k, code in self.workers.exited():
+                if code != 0:
+                    self.replace(k, code)
+        return False
+
+    def replace(self, k: int, code: int) -> None:
+        lost = st.recover(self.sweep.study, self.sweep.storage)
+        retried = f"; trial {', '.join(map(str, lost))} will be retried" if lost else ""
+        say(f"worker {k} exited with code {code}{retried}")
+        if self.can_restart():
+            self.restarts += 1
+            self.workers.start(k)
+
+    def retry_interrupted(self) -> bool:
+        """Every worker is gone: a trial one of them left RUNNING (it was killed) is failed as
+        interrupted and retried by another round of workers. False when there is none to run."""
+        lost = st.recover(self.sweep.study, self.sweep.storage)
+        if not lost or not self.can_restart():
+            return False
+        say(f"trial {', '.join(map(str, lost))} was interrupted; retrying it")
+        self.restarts += 1
+        for k in range(min(self.workers.n, _waiting(self.sweep.study))):
+            self.workers.start(k)
+        return True
+
+
+def run_processes(sweep: Sweep, progress: Progress) -> Workers:
     """Start the workers and wait until they exit or every trial of the budget has finished
     (then the summary need not wait for the workers' interpreters to shut down: ``join``)."""
-    n, gpus = _worker_count(n_workers, _waiting(study))
+    n, gpus = _worker_count(sweep.config.search.n_workers, _waiting(sweep.study))
     where = f"GPUs {','.join(gpus)}" if gpus else "CPU"
-    workers = Workers(storage_arg, study.study_name, n, gpus)
+    workers = Workers(sweep.storage_arg, sweep.study.study_name, n, gpus)
     say(f"{n} worker{'s' if n > 1 else ''} on {where}{_say_threads(workers.threads)}")
     for k in range(n):
         workers.start(k)
-    restarts, max_restarts = 0, 2 * n + 2
-    study_id = storage.get_study_id_from_name(study.study_name)
-
-    def spent() -> bool:
-        trials = storage.get_all_trials(study_id, deepcopy=False)
-        progress.update(trials)
-        counted, running, waiting = st.budget(trials)
-        return counted >= spec.n_trials and not running and not waiting
-
-    def failing() -> bool:
-        trials = study.get_trials(deepcopy=False)
-        return st.failures_in_a_row(trials, spec.session) >= spec.max_failures
-
+    supervisor = _Supervisor(sweep, workers, progress)
     try:
-        while True:
-            while workers.procs:
-                time.sleep(0.1)
-                if spent():
-                    return workers
-                for k, code in workers.exited():
-                    if code == 0:
-                        continue
-                    lost = st.recover(study, storage)
-                    say(
-                        f"worker {k} exited with code {code}"
-                        + (f"; trial {', '.join(map(str, lost))} will be retried" if lost else "")
-                    )
-                    if _waiting(study) and not failing() and restarts < max_restarts:
-                        restarts += 1
-                        workers.start(k)
-            # Every worker is gone. A trial one of them left RUNNING (it was killed) is failed as
-            # interrupted and retried by another round of workers.
-            lost = st.recover(study, storage)
-            waiting = _waiting(study)
-            if not lost or not waiting or failing() or restarts >= max_restarts:
-                return workers
-            say(f"trial {', '.join(map(str, lost))} was interrupted; retrying it")
-            restarts += 1
-            for k in range(min(n, waiting)):
-                workers.start(k)
+        while not supervisor.watch() and supervisor.retry_interrupted():
+            pass
     except KeyboardInterrupt:
         say("interrupted: stopping the workers (their trials will be retried on a re-run)")
         workers.stop()
         raise
+    return workers
 
 
-def run_launcher(
-    config: DictConfig,
-    spec: Spec,
-    storage_arg: str,
-    study_name: str,
-    n_workers: int | None,
-    hydra_context: Any,
-    task_function: Any,
-    waiting: int,
-    storage: optuna.storages.BaseStorage,
-    progress: Progress,
-) -> None:
+def run_launcher(sweep: Sweep, waiting: int, progress: Progress) -> None:
     """One job per worker through the configured Hydra launcher (SLURM, joblib, ...): each job
-    runs ``engine.train.main``, which sees ``search.worker`` and runs the worker loop.
+    runs the sweep's own task function (``engine.search.worker.launcher_job``), a worker loop.
 
     The launcher waits for its jobs on a thread of its own while this one prints each trial's
     line from the study, as in process mode. CPU threads per job: the launcher's
@@ -450,13 +449,16 @@ def run_launcher(
 
     from hydra.core.plugins import Plugins
 
-    n = max(1, min(n_workers or 1, waiting))
+    config, spec, storage_arg = sweep.config, sweep.spec, sweep.storage_arg
+    n = max(1, min(config.search.n_workers or 1, waiting))
     cpus = OmegaConf.select(config, "hydra.launcher.cpus_per_task", default=None)
     threads = int(cpus) if cpus else _threads_each(n)
     if redact.has_secret(storage_arg):
         os.environ[st.STORAGE_ENV] = storage_arg
+    from engine.search.worker import launcher_job
+
     launcher = Plugins.instance().instantiate_launcher(
-        hydra_context=hydra_context, task_function=task_function, config=redact.scrub(config)
+        hydra_context=sweep.hydra_context, task_function=launcher_job, config=redact.scrub(config)
     )
     say(
         f"{n} worker job{'s' if n > 1 else ''} through {config.hydra.launcher._target_}"
@@ -468,7 +470,7 @@ def run_launcher(
             f"search.worker={k}",
             f"search.worker_threads={threads}",
             f"search.storage={_quote(redact.mask(storage_arg))}",
-            f"search.study_name={_quote(study_name)}",
+            f"search.study_name={_quote(sweep.study_name)}",
             f"hydra.sweep.subdir=workers/worker_{k}",
         ]
         for k in range(n)
@@ -483,10 +485,10 @@ def run_launcher(
 
     waiter = threading.Thread(target=launch, name="launcher", daemon=True)
     waiter.start()
-    study_id = storage.get_study_id_from_name(study_name)
+    study_id = sweep.storage.get_study_id_from_name(sweep.study_name)
     while waiter.is_alive():
         waiter.join(timeout=0.5)
-        progress.update(storage.get_all_trials(study_id, deepcopy=False))
+        progress.update(sweep.storage.get_all_trials(study_id, deepcopy=False))
     if "error" in outcome:
         raise outcome["error"]
     for result in outcome.get("results", []):
@@ -500,13 +502,26 @@ def run_launcher(
 # the whole sweep
 
 
-def run_sweep(
-    config: DictConfig, arguments: list[str], hydra_context: Any = None, task_function: Any = None
-) -> optuna.Study:
+@dataclass
+class Sweep:
+    """A sweep command's plan and its opened study."""
+
+    config: DictConfig
+    spec: Spec
+    sweep_dir: Path
+    storage_arg: str
+    storage: optuna.storages.BaseStorage
+    study: optuna.Study
+    study_name: str
+    resumed: bool
+    hydra_context: Any = None
+
+
+def open_sweep(config: DictConfig, arguments: list[str], hydra_context: Any) -> Sweep:
+    """Plan (every check before any compute), then open the storage and the study; a problem
+    a user can fix exits with ``error: ...`` and code 2."""
     from engine.data import DataError
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    started = time.perf_counter()
     try:
         spec = plan(config, arguments, hydra_context)
         s = config.search
@@ -524,11 +539,20 @@ def run_sweep(
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    return Sweep(
+        config, spec, sweep_dir, storage_arg, storage, study, study_name, resumed, hydra_context
+    )
+
+
+def prepare(sweep: Sweep) -> int:
+    """Store the spec, recover trials left by dead workers, enqueue the missing slots; say where
+    the sweep stands. Returns the number of trials waiting to run."""
+    spec, storage, study = sweep.spec, sweep.storage, sweep.study
     # What Hydra's own sweeper writes, minus secrets (a password in search.storage is masked;
     # an ${oc.env:...} URL stays unresolved).
-    OmegaConf.save(redact.scrub(config), sweep_dir / "multirun.yaml")
-    study_id = storage.get_study_id_from_name(study_name)
-    if resumed:
+    OmegaConf.save(redact.scrub(sweep.config), sweep.sweep_dir / "multirun.yaml")
+    study_id = storage.get_study_id_from_name(sweep.study_name)
+    if sweep.resumed:
         try:
             old = st.load_spec(storage, study_id)
         except ValueError:
@@ -541,44 +565,43 @@ def run_sweep(
         say(f"trial {', '.join(map(str, lost))} had been interrupted: failed, and retried now")
     st.top_up(study, spec)
     counted, running, waiting = st.budget(study.get_trials(deepcopy=False))
+    objectives = " / ".join(f"{m} {d}" for m, d in zip(spec.metrics, spec.directions))
     say(
-        f"{'resuming' if resumed else 'starting'} study {study_name!r} ({spec.sampler}, "
-        f"pruner {spec.pruner}, {' / '.join(f'{m} {d}' for m, d in zip(spec.metrics, spec.directions))}): "
-        f"{spec.n_trials} trials, {counted} done, {waiting} to run"
-        + (f", {running} running elsewhere" if running else "")
+        f"{'resuming' if sweep.resumed else 'starting'} study {sweep.study_name!r} "
+        f"({spec.sampler}, pruner {spec.pruner}, {objectives}): {spec.n_trials} trials, "
+        f"{counted} done, {waiting} to run" + (f", {running} running elsewhere" if running else "")
     )
-    say(f"sweep dir {sweep_dir}  storage {redact.mask(storage_arg)}")
-    workers: Workers | None = None
-    progress = Progress(study, spec, sweep_dir)
-    progress.report()
-    if waiting:
-        mode = s.launch
-        if mode == "auto":
-            mode = "processes" if config.hydra.launcher._target_ == _BASIC_LAUNCHER else "launcher"
-        try:
-            if mode == "launcher":
-                run_launcher(
-                    config,
-                    spec,
-                    storage_arg,
-                    study_name,
-                    s.n_workers,
-                    hydra_context,
-                    task_function,
-                    waiting,
-                    storage,
-                    progress,
-                )
-            else:
-                workers = run_processes(study, storage, spec, storage_arg, s.n_workers, progress)
-        except KeyboardInterrupt:
-            st.recover(study, storage)
-            progress.report()
-            sys.exit(130)
+    say(f"sweep dir {sweep.sweep_dir}  storage {redact.mask(sweep.storage_arg)}")
+    return waiting
+
+
+def run_workers(sweep: Sweep, waiting: int, progress: Progress) -> Workers | None:
+    """Run the waiting trials: worker processes here, or launcher jobs; returns the processes
+    (still exiting) in process mode. Ctrl-C stops them; their trials are retried on a re-run."""
+    config, study, storage = sweep.config, sweep.study, sweep.storage
+    mode = config.search.launch
+    if mode == "auto":
+        mode = "processes" if config.hydra.launcher._target_ == _BASIC_LAUNCHER else "launcher"
+    workers = None
+    try:
+        if mode == "launcher":
+            run_launcher(sweep, waiting, progress)
+        else:
+            workers = run_processes(sweep, progress)
+    except KeyboardInterrupt:
         st.recover(study, storage)
-        progress.update(study.get_trials(deepcopy=False))
+        progress.report()
+        sys.exit(130)
+    st.recover(study, storage)
+    progress.update(study.get_trials(deepcopy=False))
+    return workers
+
+
+def finish(sweep: Sweep, progress: Progress, started: float) -> None:
+    """The reports and the leaderboard; exit code 1 when the sweep stopped on failures or no
+    trial completed."""
+    spec, study, sweep_dir = sweep.spec, sweep.study, sweep.sweep_dir
     board, best = progress.report()
-    trials = study.get_trials(deepcopy=False)
     print(board, flush=True)
     say(f"took {time.perf_counter() - started:.1f}s; summary: {sweep_dir / 'summary.csv'}")
     if best is not None:
@@ -586,8 +609,7 @@ def run_sweep(
             f"best: trial {best.number}, reproduce with: python -m engine.train "
             f"--config-dir {sweep_dir} --config-name best"
         )
-    if workers is not None:
-        workers.join()
+    trials = study.get_trials(deepcopy=False)
     failing = st.failures_in_a_row(trials, spec.session)
     if failing >= spec.max_failures and _waiting(study):
         reasons = [
@@ -595,11 +617,28 @@ def run_sweep(
         ]
         say(
             f"error: the sweep stopped: {failing} trials in a row failed "
-            f"(search.max_failures={spec.max_failures}); last reason: {reasons[-1] if reasons else '?'}"
-            f". Fix the config or space, then re-run the same command to resume."
+            f"(search.max_failures={spec.max_failures}); last reason: "
+            f"{reasons[-1] if reasons else '?'}. Fix the config or space, then re-run the same "
+            f"command to resume."
         )
         sys.exit(1)
     if best is None and not _waiting(study):
         say("error: no trial completed; see fail_reason in summary.csv and the trials' train.log")
         sys.exit(1)
-    return study
+
+
+def run_sweep(config: DictConfig, arguments: list[str], hydra_context: Any = None) -> optuna.Study:
+    """The whole sweep command: open, prepare, run the workers, report (module docstring)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    sweep = open_sweep(config, arguments, hydra_context)
+    waiting = prepare(sweep)
+    progress = Progress(sweep.study, sweep.spec, sweep.sweep_dir)
+    progress.report()
+    workers = run_workers(sweep, waiting, progress) if waiting else None
+    try:
+        finish(sweep, progress, started)
+    finally:
+        if workers is not None:  # their interpreters may still be shutting down
+            workers.join()
+    return sweep.study

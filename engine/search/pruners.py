@@ -2,10 +2,10 @@
 
 The trainer calls ``epoch_callback(epoch, metrics, final=...)`` after every epoch;
 :class:`Reporter` reports the objective at step ``epoch + 1`` (the number of epochs done: the
-resource Hyperband counts, from 1 like its ``min_resource``) and raises :class:`Pruned` when the pruner says so. The
-run then stops, and ``engine.train.finish_job`` writes the TensorBoard session with the exception's
-``hparams_status`` (the HPARAMS API has no "pruned" status; the sweep also records the state as
-the ``trial.state`` hparam). A trial's final epoch is reported but never pruned: the run is done,
+resource Hyperband counts, from 1 like its ``min_resource``) and raises :class:`Pruned` when the
+pruner says so. The run then stops, and ``engine.train.finish_job`` writes the TensorBoard
+session with the status of a ``StopRun`` (the HPARAMS API has no "pruned" status; the sweep also
+records the state as the ``trial.state`` hparam). A trial's final epoch is reported but never pruned: the run is done,
 and pruning it then would only throw away its test metrics.
 
 Where pruning can happen (``trainer.max_epochs`` = R, epochs counted from 1):
@@ -22,9 +22,8 @@ import math
 
 import optuna
 
-from engine.config import ConfigError
-
-PRUNERS = ("none", "median", "hyperband")
+from engine.config import PRUNERS, ConfigError
+from engine.trainer import StopRun
 
 
 def make_pruner(name: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
@@ -44,10 +43,9 @@ def make_pruner(name: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
     raise ConfigError(f"search.pruner={name!r} is unknown; choose one of {', '.join(PRUNERS)}")
 
 
-class Pruned(optuna.TrialPruned):
-    """Raised from the epoch callback; ``finish_job`` marks the run's HPARAMS status with it."""
-
-    hparams_status = "unknown"
+class Pruned(optuna.TrialPruned, StopRun):
+    """Raised from the epoch callback: Optuna's pruned trial, and for the run a ``StopRun``
+    (its HPARAMS status: unknown, as the API has no "pruned")."""
 
     def __init__(self, epoch: int, value: float):
         super().__init__(f"pruned after epoch {epoch + 1} with value {value:.6g}")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import optuna
 
-from engine.config import ConfigError
-
-SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
+from engine.config import SAMPLERS, ConfigError
 
 
 def trial_seed(seed: int, number: int) -> int:

@@ -43,6 +43,17 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 MAX_ATTEMPTS = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# How a trial's state is named everywhere a user reads it (summary.csv, the console, HPARAMS'
+# trial.state, the study run's counts).
+STATE_NAMES = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
+FINISHED_NAMES = tuple(STATE_NAMES[s] for s in FINISHED)
+INTERRUPTED = "interrupted"
 
 
 # The storage URL as workers receive it when it carries a password: in their environment
@@ -156,6 +167,12 @@ def is_retried_interruption(t: FrozenTrial) -> bool:
 def is_counted(t: FrozenTrial) -> bool:
     """Counts towards ``search.n_trials``: finished, and not an interruption that is retried."""
     return t.state in FINISHED and not is_retried_interruption(t)
+
+
+def state_name(t: FrozenTrial) -> str:
+    """The trial's state as the reports name it; a failed trial whose worker died and that is
+    retried reads ``interrupted``."""
+    return INTERRUPTED if is_retried_interruption(t) else STATE_NAMES[t.state]
 
 
 def budget(trials: Sequence[FrozenTrial]) -> tuple[int, int, int]:

@@ -37,18 +37,6 @@ from engine.search.tb import write_study_run
 TOP = 10
 
 
-def state_name(t: FrozenTrial) -> str:
-    if st.is_retried_interruption(t):
-        return "interrupted"
-    return {
-        TrialState.COMPLETE: "complete",
-        TrialState.PRUNED: "pruned",
-        TrialState.FAIL: "failed",
-        TrialState.RUNNING: "running",
-        TrialState.WAITING: "waiting",
-    }[t.state]
-
-
 def _seconds(t: FrozenTrial) -> float | None:
     if t.datetime_start is None or t.datetime_complete is None:
         return None
@@ -123,7 +111,7 @@ def write_csv(path: Path, trials: Sequence[FrozenTrial], spec: Spec) -> None:
             metrics = t.user_attrs.get("metrics", {})
             seconds = _seconds(t)
             out.writerow(
-                [t.number, state_name(t), *map(_cell, vals)]
+                [t.number, st.state_name(t), *map(_cell, vals)]
                 + [f"{seconds:.3f}" if seconds is not None else ""]
                 + [_cell(t.params.get(p)) for p in params]
                 + [_cell(metrics.get(k)) for k in metric_keys]
@@ -195,12 +183,12 @@ def write_best_yaml(path: Path, t: FrozenTrial, spec: Spec, sweep_dir: Path) -> 
 
 def leaderboard(study: optuna.Study, spec: Spec) -> str:
     trials = study.get_trials(deepcopy=False)
-    counts = {s: 0 for s in ("complete", "pruned", "failed", "running", "interrupted")}
+    counts = dict.fromkeys((*st.FINISHED_NAMES, "running", st.INTERRUPTED), 0)
     for t in trials:
-        name = state_name(t)
+        name = st.state_name(t)
         if name in counts:
             counts[name] += 1
-    finished = counts["complete"] + counts["pruned"] + counts["failed"]
+    finished = sum(counts[name] for name in st.FINISHED_NAMES)
     head = f"{finished} trials finished: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     if len(spec.metrics) == 1:
         rows = ranked(trials, spec)[:TOP]

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from torch.utils.tensorboard import SummaryWriter
 
+from engine.search.storage import FINISHED_NAMES, STATE_NAMES
 from engine.tb import experiment_summary, session_end_summary, session_start_summary
 
 STUDY_RUN = "study"
@@ -41,7 +42,7 @@ def write_trial_session(
         writer.close()
 
 
-STATES = ("complete", "pruned", "failed")
+STATES = FINISHED_NAMES
 """The ``trial.state`` values a finished trial's session can have."""
 
 
@@ -102,13 +103,10 @@ def _write_curves(
     done = [t for t in trials if t.datetime_complete is not None]
     done.sort(key=lambda t: t.datetime_complete)
     best: list[float | None] = [None] * len(metrics)
-    counts = {"complete": 0, "pruned": 0, "failed": 0}
+    counts = dict.fromkeys(STATES, 0)
     for step, t in enumerate(done, start=1):
         walltime = t.datetime_complete.timestamp()
-        state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(
-            t.state, "failed"
-        )
-        counts[state] += 1
+        counts[STATE_NAMES.get(t.state, STATE_NAMES[TrialState.FAIL])] += 1
         for name, n in counts.items():
             writer.add_scalar(f"study/n_{name}", n, step, walltime=walltime)
         values = t.values if t.values is not None else [None] * len(metrics)

@@ -17,6 +17,8 @@ and ``trial.state`` (complete, pruned, failed) among the hparams and ``trial/val
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -24,6 +26,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +41,7 @@ from engine.search.spec import Spec
 
 log = logging.getLogger("engine.search")
 
-STATE_NAMES = {
-    TrialState.COMPLETE: "complete",
-    TrialState.PRUNED: "pruned",
-    TrialState.FAIL: "failed",
-    TrialState.RUNNING: "running",
-    TrialState.WAITING: "waiting",
-}
 _HPARAMS_STATUS = {TrialState.COMPLETE: "success", TrialState.PRUNED: "unknown"}
-_FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
 
 
 class Composer:
@@ -56,7 +51,9 @@ class Composer:
         from hydra import initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
 
-        import engine.train  # noqa: F401  (registers train_schema in the ConfigStore)
+        from engine.config import register_configs
+
+        register_configs()  # the typed schema (train_schema) the primary config starts from
 
         self.config_name = spec.config_name
         self.extra = []
@@ -66,6 +63,15 @@ class Composer:
             self._init = initialize_config_dir(
                 config_dir=spec.config_dir, version_base="1.3", job_name="train"
             )
+
+    @functools.cached_property
+    def log_format(self) -> str:
+        """The primary config's train.log format (``hydra.job_logging``), for the trials' logs."""
+        from hydra import compose
+
+        hydra = compose(self.config_name, overrides=self.extra, return_hydra_config=True).hydra
+        fmt = OmegaConf.select(hydra, "job_logging.formatters.file.format", default=None)
+        return fmt or logging.BASIC_FORMAT
 
     def compose(self, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
         """(the trial's config, its ``hydra`` node for .hydra/hydra.yaml)."""
@@ -134,8 +140,105 @@ def _write_session(
     # The params too: a config-group choice (model=cnn) is not a key of the flattened config.
     hparams.update({k: v for k, v in params.items() if v is not None})
     hparams["trial.number"] = number
-    hparams["trial.state"] = STATE_NAMES[state]
+    hparams["trial.state"] = st.STATE_NAMES[state]
     write_trial_session(run_dir / "tb", hparams, _HPARAMS_STATUS.get(state, "failure"), value, step)
+
+
+@dataclass
+class Outcome:
+    """How a trial's run ended, and what it left to record."""
+
+    state: TrialState
+    cfg: DictConfig | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    values: list[float] | None = None
+    reason: str = ""
+    run_seconds: float = 0.0  # inside engine.train.run
+
+    def shown(self, spec: Spec) -> float | None:
+        """The value its console line and HPARAMS show: the objective, or for a pruned trial the
+        last value it reported."""
+        if self.state == TrialState.PRUNED and spec.metrics[0] in self.results:
+            return float(self.results[spec.metrics[0]])
+        return self.values[0] if self.values else None
+
+
+@contextlib.contextmanager
+def trial_log(run_dir: Path, log_format: str):
+    """Everything logged while the trial runs also goes to its own ``train.log``."""
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter(log_format))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _execute(
+    trial: optuna.Trial, spec: Spec, composer: Composer, run_dir: Path, reporter: Reporter
+) -> Outcome:
+    """Draw the params, compose the config, run it; a failure is an outcome, not an exception
+    (its traceback goes to the trial's train.log, the console gets the one-line reason)."""
+    from engine.train import run
+
+    out = Outcome(TrialState.RUNNING)
+    try:
+        out.params = {name: p.suggest(trial) for name, p in spec.params().items()}
+        overrides = trial_overrides(spec, out.params)
+        out.cfg, hydra = composer.compose(overrides)
+        _write_hydra_dir(run_dir, out.cfg, hydra, overrides, trial.number)
+        run_started = time.perf_counter()
+        try:
+            out.results = run(out.cfg, run_dir, epoch_callback=reporter, hparams_session=False)
+        finally:
+            out.run_seconds = time.perf_counter() - run_started
+        missing = [m for m in spec.metrics if m not in out.results]
+        if missing:
+            raise ValueError(
+                f"search.metric={missing[0]} is not in the run's metrics.json "
+                f"({', '.join(sorted(out.results))}); pick one of them."
+            )
+        out.values = [float(out.results[m]) for m in spec.metrics]
+        bad = [m for m, v in zip(spec.metrics, out.values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{bad[0]} is not finite ({out.results[bad[0]]})")
+        out.state = TrialState.COMPLETE
+    except Pruned as pruned:
+        out.state, out.results = TrialState.PRUNED, reporter.last
+        log.info("trial %d: %s", trial.number, pruned)
+    except Exception as err:
+        out.state, out.reason = TrialState.FAIL, f"{type(err).__name__}: {err}"
+        out.results = out.results or reporter.last
+        log.info("trial %d failed: %s\n%s", trial.number, out.reason, traceback.format_exc())
+    return out
+
+
+def _record(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    spec: Spec,
+    out: Outcome,
+    run_dir: Path,
+    seconds: float,
+    epochs: int,
+) -> None:
+    """The trial's attributes (metrics, seconds, reason), its HPARAMS session, then its end."""
+    trial.set_user_attr("metrics", _finite(out.results))
+    trial.set_user_attr("seconds", round(seconds, 4))
+    trial.set_user_attr("run_seconds", round(out.run_seconds, 4))
+    if out.reason:
+        trial.set_user_attr("fail_reason", out.reason[:2000])
+    shown = out.shown(spec)
+    try:
+        _write_session(run_dir, trial.number, out.state, out.cfg, out.params, shown, epochs)
+    except Exception as err:  # TensorBoard output must not lose the trial's result
+        log.warning("trial %d: could not write its HPARAMS session: %s", trial.number, err)
+    if shown is not None:
+        trial.set_user_attr("shown_value", shown)
+    study.tell(trial, out.values if out.state == TrialState.COMPLETE else None, state=out.state)
 
 
 def run_trial(
@@ -151,8 +254,6 @@ def run_trial(
     """Run one claimed (RUNNING) trial to its end and tell the study; ``quiet``: no console line
     (the sweep command that started this worker prints every trial's line itself)."""
     import torch
-
-    from engine.train import run
 
     number = frozen.number
     study = optuna.load_study(
@@ -173,83 +274,23 @@ def run_trial(
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("worker_index", worker)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter(_FILE_FORMAT))
-    logging.getLogger().addHandler(handler)
-    log.info(
-        "trial %d on worker %d (%s, %d torch threads)",
-        number,
-        worker,
-        st.HOST,
-        torch.get_num_threads(),
-    )
-    started = time.perf_counter()
-    run_seconds = 0.0
-    cfg: DictConfig | None = None
-    params: dict[str, Any] = {}
-    results: dict[str, Any] = {}
-    values: list[float] | None = None
-    reason = ""
     reporter = Reporter(trial, spec.metrics)
-    try:
-        with st.Heartbeat(storage, trial_id):
-            params = {name: p.suggest(trial) for name, p in spec.params().items()}
-            overrides = trial_overrides(spec, params)
-            cfg, hydra = composer.compose(overrides)
-            _write_hydra_dir(run_dir, cfg, hydra, overrides, number)
-            run_started = time.perf_counter()
-            try:
-                results = run(cfg, run_dir, epoch_callback=reporter, hparams_session=False)
-            finally:
-                run_seconds = time.perf_counter() - run_started
-            missing = [m for m in spec.metrics if m not in results]
-            if missing:
-                raise ValueError(
-                    f"search.metric={missing[0]} is not in the run's metrics.json "
-                    f"({', '.join(sorted(results))}); pick one of them."
-                )
-            values = [float(results[m]) for m in spec.metrics]
-            bad = [m for m, v in zip(spec.metrics, values) if not math.isfinite(v)]
-            if bad:
-                raise ValueError(f"{bad[0]} is not finite ({results[bad[0]]})")
-        state = TrialState.COMPLETE
-    except Pruned as pruned:
-        state, results = TrialState.PRUNED, reporter.last
-        log.info("trial %d: %s", number, pruned)
-    except Exception as err:
-        state = TrialState.FAIL
-        reason = f"{type(err).__name__}: {err}"
-        results = results or reporter.last
-        # The traceback goes to the trial's train.log; the console gets the one-line reason.
-        log.info("trial %d failed: %s\n%s", number, reason, traceback.format_exc())
-    except BaseException:  # Ctrl-C, SIGTERM: the trial did not fail on its own; retry it later
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-        st.fail_interrupted(study, frozen, "interrupted: its worker was stopped", storage)
-        raise
-    logging.getLogger().removeHandler(handler)
-    handler.close()
+    started = time.perf_counter()
+    with trial_log(run_dir, composer.log_format):
+        threads = torch.get_num_threads()
+        log.info("trial %d on worker %d (%s, %d torch threads)", number, worker, st.HOST, threads)
+        try:
+            with st.Heartbeat(storage, trial_id):
+                out = _execute(trial, spec, composer, run_dir, reporter)
+        except BaseException:  # Ctrl-C, SIGTERM: the trial did not fail on its own; retry it
+            st.fail_interrupted(study, frozen, "interrupted: its worker was stopped", storage)
+            raise
     seconds = time.perf_counter() - started
-    trial.set_user_attr("metrics", _finite(results))
-    trial.set_user_attr("seconds", round(seconds, 4))
-    trial.set_user_attr("run_seconds", round(run_seconds, 4))  # inside engine.train.run
-    if reason:
-        trial.set_user_attr("fail_reason", reason[:2000])
-    shown = values[0] if values else None
-    if state == TrialState.PRUNED and spec.metrics[0] in results:
-        shown = float(results[spec.metrics[0]])
-    steps = reporter.epochs
-    try:
-        _write_session(run_dir, number, state, cfg, params, shown, steps)
-    except Exception as err:  # TensorBoard output must not lose the trial's result
-        log.warning("trial %d: could not write its HPARAMS session: %s", number, err)
-    if shown is not None:
-        trial.set_user_attr("shown_value", shown)
-    study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+    _record(study, trial, spec, out, run_dir, seconds, reporter.epochs)
     if not quiet:
         done = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
         print(trial_line(done, spec), flush=True)
-    return state
+    return out.state
 
 
 def trial_line(t: optuna.trial.FrozenTrial, spec: Spec) -> str:
@@ -262,7 +303,7 @@ def trial_line(t: optuna.trial.FrozenTrial, spec: Spec) -> str:
     why = f"  ({reason.splitlines()[0][:160]})" if reason else ""
     seconds = float(t.user_attrs.get("seconds", 0.0))
     return (
-        f"[sweep] trial {t.number} {STATE_NAMES[t.state]:<8} {shown:<16} {text}  "
+        f"[sweep] trial {t.number} {st.STATE_NAMES[t.state]:<8} {shown:<16} {text}  "
         f"{seconds:.1f}s  w{t.user_attrs.get('worker_index', '?')}{why}"
     )
 
@@ -319,6 +360,17 @@ def run_worker(
         )
         ran += 1
     return ran
+
+
+def launcher_job(cfg: DictConfig) -> None:
+    """The task function of the jobs a sweep hands to a Hydra launcher (SLURM, submitit_local):
+    each job is one worker, told by the sweep which study, which index and how many threads."""
+    import torch
+
+    s = cfg.search
+    # On a GPU the job takes torch's default threads, as a worker process does.
+    threads = 0 if torch.cuda.is_available() else s.worker_threads
+    run_worker(s.storage, s.study_name, worker=s.worker, threads=threads)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -20,15 +20,16 @@ class EngineSweeper(Sweeper):
     def __init__(self, **_: Any) -> None:
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
-        self.task_function: TaskFunction | None = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        # The training task function is not kept: trials run in worker processes (or launcher
+        # jobs running the sweep's own task function), never through Hydra's job of this process.
+        self.config, self.hydra_context = config, hydra_context
 
     def sweep(self, arguments: list[str]) -> Any:
         from engine.search.driver import run_sweep
 
         assert self.config is not None
-        return run_sweep(self.config, arguments, self.hydra_context, self.task_function)
+        return run_sweep(self.config, arguments, self.hydra_context)

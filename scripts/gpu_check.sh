@@ -4,12 +4,19 @@
 #      a checkpoint of GPU tensors),
 #   2. the loss kernel tables (benchmarks/kernels_loss.py --quick),
 #   3. the metric kernel tables (benchmarks/kernels_metrics.py --device cuda).
-# The GPU image lacks optuna/hydra/omegaconf: carry their wheels (see ../shared/wheels-gpu) and
-# install them to /tmp/site first. Tables land in $OUT (default outputs/gpu_check).
+# The GPU image lacks optuna/hydra/omegaconf: put their wheels in the checkout's ignored .whl/
+# folder (and name it in the device run's carry); this script installs them to /tmp/site. It
+# needs nothing outside the repository. Tables land in $OUT (default outputs/gpu_check).
 set -u
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
-cd "$(dirname "$0")/.." || exit 1
+if ! python3 -c "import optuna, hydra, omegaconf" 2>/dev/null; then
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "optuna/hydra missing and no wheels in .whl/" >&2; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/env.txt" 2>&1
 export PYTHONPATH=.:${PYTHONPATH:-}
