@@ -20,7 +20,6 @@ import torch
 
 from engine.dataset import DataInfo
 
-KINDS = ("classification", "regression", "lm")
 SPLITS = ("val", "test")
 TOP_K = 5
 # Metric names for which a larger value is better; every other metric (loss, errors,
