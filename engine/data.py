@@ -43,7 +43,7 @@ def _sklearn_table(name: str) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     }[name]
     bunch = loader()
     x = np.asarray(bunch.data, dtype=np.float32)
-    if name == "diabetes":
+    if EMBEDDED[name][0] == "regression":
         y = np.asarray(bunch.target, dtype=np.float32)
         info = DataInfo("regression", x.shape[1], 0, feature_names=list(bunch.feature_names))
         return x, y, info
@@ -285,7 +285,7 @@ def describe_task(cfg: Any) -> Task:
 
 def load_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     """Return features [N, F] float32, targets [N], and what the rest of the engine needs."""
-    if cfg.name in ("digits", "breast_cancer", "wine", "diabetes"):
+    if cfg.name in EMBEDDED:
         return _sklearn_table(cfg.name)
     if cfg.name == "synthetic":
         return _synthetic_table(cfg)

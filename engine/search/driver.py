@@ -449,14 +449,14 @@ def run_launcher(sweep: Sweep, waiting: int, progress: Progress) -> None:
 
     from hydra.core.plugins import Plugins
 
+    from engine.search.worker import launcher_job
+
     config, spec, storage_arg = sweep.config, sweep.spec, sweep.storage_arg
     n = max(1, min(config.search.n_workers or 1, waiting))
     cpus = OmegaConf.select(config, "hydra.launcher.cpus_per_task", default=None)
     threads = int(cpus) if cpus else _threads_each(n)
     if redact.has_secret(storage_arg):
         os.environ[st.STORAGE_ENV] = storage_arg
-    from engine.search.worker import launcher_job
-
     launcher = Plugins.instance().instantiate_launcher(
         hydra_context=sweep.hydra_context, task_function=launcher_job, config=redact.scrub(config)
     )

@@ -6,9 +6,10 @@
   ``trial/value`` scalar (the objective, or the last reported value of a pruned trial).
 - ``<sweep dir>/study/`` holds the one experiment summary of the sweep (which hparams and metrics
   the dashboard shows as columns: the params and ``trial.state`` first, marked as differing, and
-  the objectives first among the metrics) and the study's curves over finished trials: ``study/value``, ``study/best_value`` (best so far), the running counts of
-  complete, pruned and failed trials, and the leaderboard as text. It is rewritten whole each time
-  the sweep command ends, so a resumed sweep has one curve.
+  the objectives first among the metrics) and the study's curves over finished trials:
+  ``study/value``, ``study/best_value`` (best so far), the running counts of complete, pruned and
+  failed trials, and the leaderboard as text. It is rewritten whole (when the sweep command
+  starts, as its trials finish, and when it ends), so a resumed sweep has one curve.
 """
 
 from __future__ import annotations
@@ -42,10 +43,6 @@ def write_trial_session(
         writer.close()
 
 
-STATES = FINISHED_NAMES
-"""The ``trial.state`` values a finished trial's session can have."""
-
-
 def _example(value: Any) -> Any:
     return value if isinstance(value, bool | int | float | str) else str(value)
 
@@ -75,7 +72,7 @@ def write_study_run(
     # trial.state must come before the constants. trial.number varies too but is left out, as
     # it would sort before trial.state and take its place.
     differs = {*params, "trial.state"}
-    discrete: dict[str, Sequence[Any]] = {"trial.state": STATES}
+    discrete: dict[str, Sequence[Any]] = {"trial.state": FINISHED_NAMES}
     for name, values in (choices or {}).items():
         # A string or bool choice (a config group: model=choice(mlp,cnn)) gets a checkbox
         # filter, as TensorBoard gives such hparams; numbers keep their min/max filter.
@@ -103,7 +100,7 @@ def _write_curves(
     done = [t for t in trials if t.datetime_complete is not None]
     done.sort(key=lambda t: t.datetime_complete)
     best: list[float | None] = [None] * len(metrics)
-    counts = dict.fromkeys(STATES, 0)
+    counts = dict.fromkeys(FINISHED_NAMES, 0)
     for step, t in enumerate(done, start=1):
         walltime = t.datetime_complete.timestamp()
         counts[STATE_NAMES.get(t.state, STATE_NAMES[TrialState.FAIL])] += 1

@@ -41,7 +41,7 @@ from engine.search.spec import Spec
 
 log = logging.getLogger("engine.search")
 
-_HPARAMS_STATUS = {TrialState.COMPLETE: "success", TrialState.PRUNED: "unknown"}
+_HPARAMS_STATUS = {TrialState.COMPLETE: "success", TrialState.PRUNED: Pruned.hparams_status}
 
 
 class Composer:
