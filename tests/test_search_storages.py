@@ -107,11 +107,13 @@ def test_an_unreachable_storage_is_refused_with_the_key_named_and_the_password_m
     assert "hunter2secret" not in out
 
 
-def test_a_worker_given_a_masked_url_without_the_environment_says_where_the_url_goes():
+@pytest.mark.parametrize(
+    "storage", [["--storage", "postgresql://u:***@127.0.0.1/db"], []], ids=["masked", "none"]
+)
+def test_a_worker_without_a_usable_url_says_where_the_url_goes(storage):
     env = {k: v for k, v in os.environ.items() if k != "ENGINE_SEARCH_STORAGE"}
     result = subprocess.run(
-        [sys.executable, "-m", "engine.search.worker"]
-        + ["--storage", "postgresql://u:***@127.0.0.1/db", "--study", "x"],
+        [sys.executable, "-m", "engine.search.worker", *storage, "--study", "x"],
         cwd=REPO,
         env=env,
         capture_output=True,
