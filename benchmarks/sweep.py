@@ -69,6 +69,14 @@ def run(label: str, sweep_dir: Path, args: list[str]) -> dict:
     }
 
 
+def emit(lines: list[str], out: str | None) -> None:
+    """Print the table, and write it to ``out`` too when given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def first_match(res: dict, target: float) -> float | None:
     hits = sorted(t.datetime_complete for t in res["complete"] if t.value >= target - 1e-12)
     return (hits[0] - res["started_at"]).total_seconds() if hits else None
@@ -120,10 +128,7 @@ def main() -> None:
         "start-up = launch of the command to the first trial's start (Hydra, planning checks, "
         "the workers' imports), once per sweep.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

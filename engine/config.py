@@ -397,7 +397,7 @@ def validate_trainer(t: Any) -> None:
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = ("auto", "maximize", "minimize")
-LAUNCH_MODES = ("auto", "processes", "launcher")
+LAUNCH_MODES = ("auto", "processes", "launcher", "external")
 
 
 @dataclass
@@ -410,7 +410,12 @@ class SearchConfig:
     """Total number of finished trials (complete, pruned or failed), also after a resume; null with
     grid: every combination."""
     n_workers: int | None = None
-    """Worker processes running trials back to back; null: one per visible GPU, else 1."""
+    """Worker processes running trials back to back; null: one per visible GPU (one per
+    ``gpus_per_trial`` GPUs), else 1."""
+    gpus_per_trial: int = 1
+    """Processes per trial: above 1 each trial trains as that many DDP ranks (NCCL, one GPU each,
+    the worker's own GPUs; gloo ranks on a machine without GPUs), as ``torchrun
+    --nproc-per-node=<gpus_per_trial>`` would run it."""
     pruner: str = "none"
     """none | median | hyperband: stop unpromising trials early from their per-epoch metric."""
     storage: str | None = None
@@ -435,7 +440,9 @@ class SearchConfig:
     ``tag(log, interval(a,b))``); merged with sweep overrides from the command line."""
     launch: str = "auto"
     """How workers start: processes (subprocesses here) | launcher (one job per worker through
-    ``hydra/launcher``) | auto (launcher unless it is Hydra's basic one)."""
+    ``hydra/launcher``) | external (none: create the study, then wait for workers started
+    elsewhere, ``python -m engine.search.worker``, and write the reports) | auto (launcher
+    unless it is Hydra's basic one)."""
     worker: int | None = None
     """Internal: set on the jobs that run workers through a Hydra launcher."""
     worker_threads: int = 0
@@ -451,6 +458,7 @@ def validate_search(s: Any) -> None:
         _check(s.n_trials > 0, "search.n_trials", s.n_trials, "it must be a positive integer")
     if s.n_workers is not None:
         _check(s.n_workers > 0, "search.n_workers", s.n_workers, "it must be a positive integer")
+    _check(s.gpus_per_trial > 0, "search.gpus_per_trial", s.gpus_per_trial, "it must be at least 1")
     _check(s.max_failures > 0, "search.max_failures", s.max_failures, "it must be positive")
     _check_seed("search.seed", s.seed)
     _check(bool(s.metric), "search.metric", s.metric, "name a key of metrics.json, e.g. val/acc")

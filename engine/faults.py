@@ -10,6 +10,9 @@ checkpoint writer then carry no test state at all, and their hot paths test one 
   halfway through writing its temporary file, before the rename.
 - ``ENGINE_FAULT_NAN_AT_STEP=N``: the loss of the batch that completes optimizer step N becomes
   NaN, so its gradients do too.
+- ``ENGINE_FAULT_SIGNAL_AT_STEP=N``: the process sends itself SIGUSR2 just before optimizer step
+  N, as SLURM does ahead of a time limit (``--signal=USR2@<s>``), so the preemption path runs at
+  a known step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ _VARIABLES = {
     "kill_at_step": "ENGINE_FAULT_KILL_AT_STEP",
     "kill_during_save": "ENGINE_FAULT_KILL_DURING_SAVE",
     "nan_at_step": "ENGINE_FAULT_NAN_AT_STEP",
+    "signal_at_step": "ENGINE_FAULT_SIGNAL_AT_STEP",
 }
 
 
@@ -44,6 +48,7 @@ class Faults:
     kill_at_step: int = 0
     kill_during_save: int = 0
     nan_at_step: int = 0
+    signal_at_step: int = 0
     saves: int = 0  # checkpoint writes so far
 
     @classmethod
@@ -55,6 +60,8 @@ class Faults:
         """Called with the number of the optimizer step about to be taken."""
         if step == self.kill_at_step:
             kill_now()
+        if step == self.signal_at_step:
+            os.kill(os.getpid(), signal.SIGUSR2)
 
     def nan_now(self, step: int) -> bool:
         """True once: for the batch that completes optimizer step ``nan_at_step``."""

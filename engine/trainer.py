@@ -27,6 +27,7 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine import distributed as dist
+from engine import preempt
 from engine.config import ConfigError
 from engine.data import BatchLoader, DataInfo
 from engine.faults import Faults
@@ -49,6 +50,16 @@ class StopRun(Exception):
     knows success, failure and unknown, not "stopped early"."""
 
     hparams_status = "unknown"
+
+
+class Preempted(StopRun):
+    """The run was asked to stop from outside (``engine.preempt``: a cluster's warning signal):
+    a checkpoint of the step it reached is on disk, and resuming from it continues the run as
+    if it had never stopped."""
+
+    def __init__(self, reason: str, step: int, checkpoint: Path):
+        super().__init__(f"stopped at step {step} on {reason}; checkpoint {checkpoint}")
+        self.reason, self.step, self.checkpoint = reason, step, checkpoint
 
 
 @dataclass
@@ -194,6 +205,8 @@ class Trainer:
                 self.epoch_callback(epoch, metrics, final=final)
             if self.stop_reason:
                 break
+            if epoch + 1 < self.cfg.max_epochs:  # after the callback: its report is not lost
+                self._stop_if_requested()  # _end_epoch's checkpoint is the one to resume
         log.info("training took %.1f s", time.perf_counter() - start)
         return dict(self.state.best_metrics or self.state.last_metrics)
 
@@ -281,6 +294,9 @@ class Trainer:
                 n = self.cfg.ckpt_every_n_steps
                 if n and s.global_step % n == 0 and b + 1 < n_batches:
                     self._save_mid_epoch(loss_sum, samples)
+                if b + 1 < n_batches and preempt.requested() and self.world_size == 1:
+                    self._save_mid_epoch(loss_sum, samples)
+                    self._stop_if_requested()
         if bar is not None:
             bar.close()
         total = float(loss_sum) + s.epoch_loss_sum
@@ -577,6 +593,19 @@ class Trainer:
         self.logger.flush()
         best_path = self.ckpt_dir / "best.pt" if best else None
         self.checkpointer.save(self.state_dict(), self.ckpt_dir / "last.pt", best_path)
+
+    def _stop_if_requested(self) -> None:
+        """Raise ``Preempted`` once the latest checkpoint is on disk, if a stop was asked for.
+
+        One process only: under DDP every rank would have to agree on the step (a collective
+        per step); a preempted DDP run resumes from its last periodic or epoch checkpoint."""
+        reason = preempt.requested()
+        if reason is None or self.world_size > 1:
+            return
+        self.checkpointer.wait()
+        step = self.state.global_step
+        log.warning("%s: stopping at step %d with a checkpoint, to resume there", reason, step)
+        raise Preempted(reason, step, self.ckpt_dir / "last.pt")
 
     def _save_mid_epoch(self, loss_sum: torch.Tensor, samples: int) -> None:
         s = self.state

@@ -62,3 +62,8 @@ def make_writable(folder: Path) -> None:
     if os.geteuid() == 0:
         subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
     folder.chmod(0o755)
+
+
+# The real SLURM cluster (tests/slurm.py): its `slurm_cluster` fixture for every test module, and
+# the summary line that says when the SLURM tests were skipped, and why.
+from slurm import pytest_terminal_summary, slurm_cluster  # noqa: E402,F401

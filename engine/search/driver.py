@@ -31,8 +31,8 @@ from optuna.trial import TrialState
 
 from engine import redact
 from engine.config import SAMPLERS, ConfigError, check_override_keys, validate
+from engine.search import jobs, summary
 from engine.search import storage as st
-from engine.search import summary
 from engine.search.space import Param, grid, parse_space
 from engine.search.spec import Spec
 
@@ -167,6 +167,14 @@ def plan(config: DictConfig, arguments: list[str], hydra_context: Any = None) ->
         if any(n.endswith("trainer.max_epochs") for n in space)
         else int(job.trainer.max_epochs)
     )
+    launcher = OmegaConf.select(config, "hydra.launcher._target_", default=_BASIC_LAUNCHER)
+    here = s.launch == "processes" or (s.launch == "auto" and launcher == _BASIC_LAUNCHER)
+    if s.gpus_per_trial > 1 and here and job.trainer.device != "cpu":
+        # This machine's GPUs are the workers' only when they run here; a launcher's jobs get
+        # their own (gpus_per_task), and each worker checks what it got.
+        from engine.search.ddp import check_gpus, visible_gpus
+
+        check_gpus(int(s.gpus_per_trial), s.n_workers, visible_gpus())
     return Spec(
         sweep_dir=str(sweep_dir),
         config_dir=config_dir,
@@ -187,6 +195,7 @@ def plan(config: DictConfig, arguments: list[str], hydra_context: Any = None) ->
         session=dt.datetime.now().isoformat(),
         metric_tags=tags,
         subdir=_subdir_pattern(config),
+        gpus_per_trial=int(s.gpus_per_trial),
     )
 
 
@@ -228,17 +237,13 @@ def _name_metrics(study: optuna.Study, metrics: list[str]) -> None:
         study.set_metric_names(list(metrics))
 
 
-def _worker_count(requested: int | None, waiting: int) -> tuple[int, list[str]]:
-    """(number of workers, the GPU ids to pin them to: empty on CPU)."""
-    import torch
+def _worker_count(requested: int | None, waiting: int, per_trial: int = 1) -> tuple[int, list[str]]:
+    """(number of workers, the ``CUDA_VISIBLE_DEVICES`` of each worker slot: one GPU id, or
+    ``per_trial`` of them comma-joined for DDP trials; empty on CPU)."""
+    from engine.search.ddp import gpu_slots, visible_gpus
 
-    gpus: list[str] = []
-    if torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        gpus = [g.strip() for g in gpus if g.strip()]
-    n = requested or max(1, len(gpus))
-    return max(1, min(n, waiting)), gpus
+    n, slots = gpu_slots(per_trial, requested, visible_gpus())
+    return max(1, min(n, waiting)), slots
 
 
 def _threads_each(n: int) -> int:
@@ -252,6 +257,8 @@ def _say_threads(threads: int) -> str:
 
 class Workers:
     """Worker subprocesses on this machine: one per GPU (pinned), or CPU cores shared out.
+    ``gpus`` holds each worker slot's ``CUDA_VISIBLE_DEVICES``: one GPU, or with
+    ``search.gpus_per_trial=k`` a group of k ("0,1"), which the trial's ranks share out.
 
     A storage URL with a password reaches them through their environment; their command line
     (which every local user can read) shows it masked.
@@ -324,11 +331,12 @@ class Progress:
         self.study, self.spec, self.sweep_dir = study, spec, sweep_dir
         self.since = dt.datetime.fromisoformat(spec.session)
         self.printed: set[int] = set()
+        self.suspensions: set[tuple[int, int]] = set()
         self.reported_at = 0.0
         self.unreported = True
 
     def update(self, trials: list[optuna.trial.FrozenTrial]) -> None:
-        from engine.search.worker import trial_line
+        from engine.search.worker import suspended_line, trial_line
 
         done = [
             t
@@ -342,6 +350,15 @@ class Progress:
         for t in sorted(done, key=lambda t: (t.datetime_complete, t.number)):
             self.printed.add(t.number)
             print(trial_line(t, self.spec), flush=True)
+        for t in trials:  # preempted, back in the queue with a checkpoint
+            info = t.user_attrs.get(st.SUSPENDED_ATTR)
+            if (
+                t.state == TrialState.WAITING
+                and info
+                and (t.number, info["count"]) not in self.suspensions
+            ):
+                self.suspensions.add((t.number, info["count"]))
+                print(suspended_line(t.number, info), flush=True)
         self.unreported = self.unreported or bool(done)
         if self.unreported and time.monotonic() - self.reported_at >= self.REPORT_EVERY_S:
             self.report()
@@ -350,10 +367,6 @@ class Progress:
         """Rewrite the reports now; return the leaderboard and the best trial."""
         self.reported_at, self.unreported = time.monotonic(), False
         return summary.write_all(self.study, self.spec, self.sweep_dir)
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class _Supervisor:
@@ -394,9 +407,12 @@ class _Supervisor:
         return False
 
     def replace(self, k: int, code: int) -> None:
+        from engine.search.worker import EXIT_PREEMPTED
+
         lost = st.recover(self.sweep.study, self.sweep.storage)
         retried = f"; trial {', '.join(map(str, lost))} will be retried" if lost else ""
-        say(f"worker {k} exited with code {code}{retried}")
+        how = "was stopped by a signal" if code == EXIT_PREEMPTED else f"exited with code {code}"
+        say(f"worker {k} {how}{retried}")
         if self.can_restart():
             self.restarts += 1
             self.workers.start(k)
@@ -417,7 +433,9 @@ class _Supervisor:
 def run_processes(sweep: Sweep, progress: Progress) -> Workers:
     """Start the workers and wait until they exit or every trial of the budget has finished
     (then the summary need not wait for the workers' interpreters to shut down: ``join``)."""
-    n, gpus = _worker_count(sweep.config.search.n_workers, _waiting(sweep.study))
+    n, gpus = _worker_count(
+        sweep.config.search.n_workers, _waiting(sweep.study), sweep.spec.gpus_per_trial
+    )
     where = f"GPUs {','.join(gpus)}" if gpus else "CPU"
     workers = Workers(sweep.storage_arg, sweep.study.study_name, n, gpus)
     say(f"{n} worker{'s' if n > 1 else ''} on {where}{_say_threads(workers.threads)}")
@@ -432,70 +450,6 @@ def run_processes(sweep: Sweep, progress: Progress) -> Workers:
         workers.stop()
         raise
     return workers
-
-
-def run_launcher(sweep: Sweep, waiting: int, progress: Progress) -> None:
-    """One job per worker through the configured Hydra launcher (SLURM, joblib, ...): each job
-    runs the sweep's own task function (``engine.search.worker.launcher_job``), a worker loop.
-
-    The launcher waits for its jobs on a thread of its own while this one prints each trial's
-    line from the study, as in process mode. CPU threads per job: the launcher's
-    ``cpus_per_task`` when it sets one, else this machine's cores shared out (as process mode
-    does; a job on another machine takes no more than the CPUs it was given). A password in the
-    storage URL reaches the jobs through the environment they inherit, never through their
-    overrides or the launcher's pickled config (a file in the sweep dir with submitit).
-    """
-    import threading
-
-    from hydra.core.plugins import Plugins
-
-    from engine.search.worker import launcher_job
-
-    config, spec, storage_arg = sweep.config, sweep.spec, sweep.storage_arg
-    n = max(1, min(config.search.n_workers or 1, waiting))
-    cpus = OmegaConf.select(config, "hydra.launcher.cpus_per_task", default=None)
-    threads = int(cpus) if cpus else _threads_each(n)
-    if redact.has_secret(storage_arg):
-        os.environ[st.STORAGE_ENV] = storage_arg
-    launcher = Plugins.instance().instantiate_launcher(
-        hydra_context=sweep.hydra_context, task_function=launcher_job, config=redact.scrub(config)
-    )
-    say(
-        f"{n} worker job{'s' if n > 1 else ''} through {config.hydra.launcher._target_}"
-        f"{_say_threads(threads)}"
-    )
-    jobs = [
-        [
-            *spec.fixed,
-            f"search.worker={k}",
-            f"search.worker_threads={threads}",
-            f"search.storage={_quote(redact.mask(storage_arg))}",
-            f"search.study_name={_quote(sweep.study_name)}",
-            f"hydra.sweep.subdir=workers/worker_{k}",
-        ]
-        for k in range(n)
-    ]
-    outcome: dict[str, Any] = {}
-
-    def launch() -> None:
-        try:
-            outcome["results"] = launcher.launch(jobs, initial_job_idx=0)
-        except BaseException as err:  # re-raised on the driver's thread
-            outcome["error"] = err
-
-    waiter = threading.Thread(target=launch, name="launcher", daemon=True)
-    waiter.start()
-    study_id = sweep.storage.get_study_id_from_name(sweep.study_name)
-    while waiter.is_alive():
-        waiter.join(timeout=0.5)
-        progress.update(sweep.storage.get_all_trials(study_id, deepcopy=False))
-    if "error" in outcome:
-        raise outcome["error"]
-    for result in outcome.get("results", []):
-        try:
-            _ = result.return_value
-        except Exception as err:  # the job's trials are recovered below
-            say(f"a worker job failed: {_first_line(err)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,7 +539,9 @@ def run_workers(sweep: Sweep, waiting: int, progress: Progress) -> Workers | Non
     workers = None
     try:
         if mode == "launcher":
-            run_launcher(sweep, waiting, progress)
+            jobs.run_launcher(sweep, waiting, progress)
+        elif mode == "external":
+            jobs.run_external(sweep, progress)
         else:
             workers = run_processes(sweep, progress)
     except KeyboardInterrupt:

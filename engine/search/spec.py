@@ -46,6 +46,9 @@ class Spec:
     """The run metrics the HPARAMS dashboard shows as columns."""
     subdir: str = "trial_{number}"
     """Trial folder name under the sweep dir, with ``{number}`` the Optuna trial number."""
+    gpus_per_trial: int = 1
+    """DDP ranks per trial (``search.gpus_per_trial``); 1: the trial runs in the worker itself.
+    A study stored before this field existed reads back as 1."""
 
     def params(self) -> dict[str, Param]:
         return {name: Param.from_dict(p) for name, p in self.space.items()}

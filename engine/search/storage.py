@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ STATE_NAMES = {
 }
 FINISHED_NAMES = tuple(STATE_NAMES[s] for s in FINISHED)
 INTERRUPTED = "interrupted"
+SUSPENDED_ATTR = "suspended"  # a preempted trial back in the queue, to resume (see suspend)
 
 
 # The storage URL as workers receive it when it carries a password: in their environment
@@ -71,7 +72,8 @@ def resolve_storage(given: str | None) -> str:
     masked URL (``postgresql://u:***@host/db``) or none at all from ``$ENGINE_SEARCH_STORAGE``."""
     from engine.redact import is_masked, mask
 
-    real = os.environ.get(STORAGE_ENV)
+    # A Kubernetes Secret made from a file often ends in a newline, never part of a URL.
+    real = (os.environ.get(STORAGE_ENV) or "").strip()
     if given is None:
         if not real:
             raise ConfigError(
@@ -294,8 +296,23 @@ def _proc_state(pid: int) -> str | None:
 
 
 def worker_info() -> dict[str, Any]:
+    """Who runs a trial: host, pid and the pid's start time; under SLURM also the job
+    (``jobid`` as squeue and sacct name it, ``123_4`` for an array task), so the sweep command
+    can tell a worker on another node is gone as soon as SLURM says its job ended."""
     pid = os.getpid()
-    return {"host": HOST, "pid": pid, "start": _proc_start(pid)}
+    info: dict[str, Any] = {"host": HOST, "pid": pid, "start": _proc_start(pid)}
+    job = slurm_job_id()
+    if job:
+        info["slurm_job"] = job
+    return info
+
+
+def slurm_job_id(environ: Any = None) -> str | None:
+    env = os.environ if environ is None else environ
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return env.get("SLURM_JOB_ID") or None
 
 
 def process_alive(info: dict[str, Any]) -> bool:
@@ -312,11 +329,17 @@ def process_alive(info: dict[str, Any]) -> bool:
     return start is None or _proc_start(pid) in (None, start)
 
 
-def is_stale(t: FrozenTrial, now: float | None = None) -> bool:
+def is_stale(
+    t: FrozenTrial, now: float | None = None, job_ended: Callable[[str], bool] | None = None
+) -> bool:
+    """Whether a RUNNING trial's worker is gone: its process (on this host), its SLURM job
+    (``job_ended``, asked of the queue), or else no heartbeat for ``STALE_AFTER_S``."""
     now = time.time() if now is None else now
     info = t.user_attrs.get("worker")
     if info and info.get("host") == HOST:
         return not process_alive(info)
+    if info and info.get("slurm_job") and job_ended is not None and job_ended(info["slurm_job"]):
+        return True
     last = t.system_attrs.get(HEARTBEAT_ATTR)
     if last is None:
         last = t.datetime_start.timestamp() if t.datetime_start else 0.0
@@ -337,11 +360,15 @@ def fail_interrupted(
         pass  # it finished meanwhile
 
 
-def recover(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+def recover(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    job_ended: Callable[[str], bool] | None = None,
+) -> list[int]:
     """Fail stale RUNNING trials as interrupted and enqueue their retries; return their numbers."""
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if is_stale(t):
+        if is_stale(t, job_ended=job_ended):
             fail_interrupted(study, t, "interrupted: its worker process stopped", storage)
             failed.append(t.number)
     trials = study.get_trials(deepcopy=False)
@@ -353,6 +380,20 @@ def recover(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[i
                 params, user_attrs={"retry_of": t.number, "attempt": attempt(t) + 1}
             )
     return failed
+
+
+def suspend(
+    storage: optuna.storages.BaseStorage, study_id: int, number: int, info: dict[str, Any]
+) -> None:
+    """Hand a RUNNING trial back to the queue (RUNNING -> WAITING) with what resumes it.
+
+    A preempted trial is not a failure to retry from scratch: its params stay on it, its
+    checkpoint is in its run dir, and the next claim (lowest number first, so it goes before
+    new trials) resumes it there, under the same trial number. ``info``: checkpoint, step,
+    reason, and how many times it was suspended."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    storage.set_trial_user_attr(trial_id, SUSPENDED_ATTR, info)
+    storage.set_trial_state_values(trial_id, state=TrialState.WAITING)
 
 
 class Heartbeat:

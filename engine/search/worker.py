@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -34,12 +35,17 @@ import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
+from engine import preempt
 from engine.search import storage as st
 from engine.search.pruners import Pruned, Reporter, make_pruner
 from engine.search.samplers import make_sampler, trial_seed
 from engine.search.spec import Spec
+from engine.trainer import Preempted
 
 log = logging.getLogger("engine.search")
+
+# A worker stopped from outside (SIGTERM, SIGUSR2) after handing its trial back: not a crash.
+EXIT_PREEMPTED = 75
 
 _HPARAMS_STATUS = {TrialState.COMPLETE: "success", TrialState.PRUNED: Pruned.hparams_status}
 
@@ -155,6 +161,7 @@ class Outcome:
     values: list[float] | None = None
     reason: str = ""
     run_seconds: float = 0.0  # inside engine.train.run
+    preempted: Preempted | None = None  # stopped from outside, with a checkpoint to resume
 
     def shown(self, spec: Spec) -> float | None:
         """The value its console line and HPARAMS show: the objective, or for a pruned trial the
@@ -178,10 +185,18 @@ def trial_log(run_dir: Path, log_format: str):
 
 
 def _execute(
-    trial: optuna.Trial, spec: Spec, composer: Composer, run_dir: Path, reporter: Reporter
+    trial: optuna.Trial,
+    spec: Spec,
+    composer: Composer,
+    run_dir: Path,
+    reporter: Reporter,
+    resume: str | None = None,
 ) -> Outcome:
     """Draw the params, compose the config, run it; a failure is an outcome, not an exception
-    (its traceback goes to the trial's train.log, the console gets the one-line reason)."""
+    (its traceback goes to the trial's train.log, the console gets the one-line reason).
+
+    ``resume``: the checkpoint of a preempted attempt of this trial, to continue from (its
+    .hydra/ files still show the trial's own config, which starts afresh)."""
     from engine.train import run
 
     out = Outcome(TrialState.RUNNING)
@@ -190,9 +205,19 @@ def _execute(
         overrides = trial_overrides(spec, out.params)
         out.cfg, hydra = composer.compose(overrides)
         _write_hydra_dir(run_dir, out.cfg, hydra, overrides, trial.number)
+        run_cfg = out.cfg
+        if resume:
+            run_cfg = copy.deepcopy(out.cfg)
+            run_cfg.trainer.resume = resume
         run_started = time.perf_counter()
         try:
-            out.results = run(out.cfg, run_dir, epoch_callback=reporter, hparams_session=False)
+            if spec.gpus_per_trial > 1:  # k DDP ranks launched from here (engine/search/ddp.py)
+                from engine.search.ddp import run_ranks
+
+                k, log_format = spec.gpus_per_trial, composer.log_format
+                out.results = run_ranks(k, run_cfg, run_dir, trial, spec, reporter, log_format)
+            else:
+                out.results = run(run_cfg, run_dir, epoch_callback=reporter, hparams_session=False)
         finally:
             out.run_seconds = time.perf_counter() - run_started
         missing = [m for m in spec.metrics if m not in out.results]
@@ -209,6 +234,9 @@ def _execute(
     except Pruned as pruned:
         out.state, out.results = TrialState.PRUNED, reporter.last
         log.info("trial %d: %s", trial.number, pruned)
+    except Preempted as stop:  # still RUNNING: run_trial hands it back to the queue
+        out.preempted, out.results = stop, reporter.last
+        log.info("trial %d: %s", trial.number, stop)
     except Exception as err:
         out.state, out.reason = TrialState.FAIL, f"{type(err).__name__}: {err}"
         out.results = out.results or reporter.last
@@ -275,22 +303,60 @@ def run_trial(
     trial.set_user_attr("worker_index", worker)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(trial, spec.metrics)
+    suspended = frozen.user_attrs.get(st.SUSPENDED_ATTR) or {}
+    resume = (
+        suspended.get("checkpoint") if Path(suspended.get("checkpoint", "")).is_file() else None
+    )
     started = time.perf_counter()
     with trial_log(run_dir, composer.log_format):
         threads = torch.get_num_threads()
         log.info("trial %d on worker %d (%s, %d torch threads)", number, worker, st.HOST, threads)
+        if resume:
+            log.info("trial %d resumes from %s (step %s)", number, resume, suspended.get("step"))
         try:
             with st.Heartbeat(storage, trial_id):
-                out = _execute(trial, spec, composer, run_dir, reporter)
-        except BaseException:  # Ctrl-C, SIGTERM: the trial did not fail on its own; retry it
+                out = _execute(trial, spec, composer, run_dir, reporter, resume)
+        except BaseException:  # Ctrl-C, a second signal: not a failure of its own; retry it
             st.fail_interrupted(study, frozen, "interrupted: its worker was stopped", storage)
             raise
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + float(suspended.get("seconds", 0.0))
+    if out.preempted is not None:
+        _suspend(storage, study_id, frozen, out.preempted, suspended, seconds, quiet)
+        return TrialState.WAITING
     _record(study, trial, spec, out, run_dir, seconds, reporter.epochs)
     if not quiet:
         done = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
         print(trial_line(done, spec), flush=True)
     return out.state
+
+
+def _suspend(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    frozen: optuna.trial.FrozenTrial,
+    stop: Preempted,
+    before: dict[str, Any],
+    seconds: float,
+    quiet: bool,
+) -> None:
+    """Put a preempted trial back in the queue, to resume from its checkpoint."""
+    info = {
+        "checkpoint": str(stop.checkpoint),
+        "step": stop.step,
+        "reason": stop.reason,
+        "count": int(before.get("count", 0)) + 1,
+        "seconds": round(seconds, 4),
+    }
+    st.suspend(storage, study_id, frozen.number, info)
+    if not quiet:
+        print(suspended_line(frozen.number, info), flush=True)
+
+
+def suspended_line(number: int, info: dict[str, Any]) -> str:
+    return (
+        f"[sweep] trial {number} suspended at step {info['step']} ({info['reason']}): it "
+        f"resumes from its checkpoint"
+    )
 
 
 def trial_line(t: optuna.trial.FrozenTrial, spec: Spec) -> str:
@@ -337,7 +403,7 @@ def run_worker(
     spec = st.load_spec(storage, study_id)
     composer = Composer(spec)
     ran = 0
-    while True:
+    while not preempt.requested():
         spec = st.load_spec(storage, study_id)  # a re-run may have raised n_trials meanwhile
         trials = storage.get_all_trials(study_id, deepcopy=False)
         counted, running, _ = st.budget(trials)
@@ -362,19 +428,47 @@ def run_worker(
     return ran
 
 
+def wait_for_study(storage_arg: str | None, study_name: str, seconds: float) -> None:
+    """Block until the study exists with its spec (and its database answers), at most
+    ``seconds``: workers started beside the command that creates the study (a Kubernetes
+    Indexed Job, jobs submitted by hand) may come up first."""
+    deadline = time.monotonic() + seconds
+    while not preempt.requested():  # a pod deleted while it waits stops at once
+        try:
+            storage = st.open_storage(st.resolve_storage(storage_arg))
+            st.load_spec(storage, storage.get_study_id_from_name(study_name))
+            return
+        except Exception as err:  # not there yet: no study, no spec, no database
+            if time.monotonic() >= deadline:
+                raise KeyError(
+                    f"study {study_name!r} did not appear within {seconds:.0f} s "
+                    f"(--wait-for-study): {err}"
+                ) from err
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
 def launcher_job(cfg: DictConfig) -> None:
     """The task function of the jobs a sweep hands to a Hydra launcher (SLURM, submitit_local):
-    each job is one worker, told by the sweep which study, which index and how many threads."""
+    each job is one worker, told by the sweep which study, which index and how many threads.
+
+    SLURM's warning before a time limit (SIGUSR2, the presets' ``signal_delay_s``) or a
+    preemption (SIGTERM) checkpoints the running trial and hands it back to the queue; then the
+    job runner's own SIGUSR2 handler (submitit's: requeue the job) runs, so the job comes back
+    and resumes the trial even with no sweep command watching."""
     import torch
 
     s = cfg.search
     # On a GPU the job takes torch's default threads, as a worker process does.
     threads = 0 if torch.cuda.is_available() else s.worker_threads
-    run_worker(s.storage, s.study_name, worker=s.worker, threads=threads)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    # Off the main thread this job runs inside the sweep command (Hydra's basic launcher),
+    # which prints every trial's line itself; a job of its own prints them to its log.
+    in_sweep_command = not preempt.install()
+    run_worker(s.storage, s.study_name, worker=s.worker, threads=threads, quiet=in_sweep_command)
+    reason = preempt.requested()
+    requeue = preempt.previous(preempt.signal_number(reason) or 0) if reason else None
+    if reason == "SIGUSR2" and requeue is not None:
+        log.warning("worker %s: %s; handing over to the job runner to requeue", s.worker, reason)
+        requeue(signal.SIGUSR2, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,12 +488,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quiet", action="store_true", help="no line per trial (the sweep command prints them)"
     )
+    parser.add_argument(
+        "--wait-for-study",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait up to S seconds for the study to be created (workers started first)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for handler in logging.getLogger().handlers:  # the console gets warnings; train.log all
         handler.setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM (a preemption, the sweep command stopping its workers) and SIGUSR2 (a time limit
+    # ahead): the running trial checkpoints at its next step and goes back to the queue.
+    preempt.install()
     try:
+        if args.wait_for_study > 0:
+            wait_for_study(args.storage, args.study, args.wait_for_study)
+            if preempt.requested():
+                return EXIT_PREEMPTED
         run_worker(
             args.storage,
             args.study,
@@ -413,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError) as err:  # no such study, or not an engine sweep
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_PREEMPTED if preempt.requested() else 0
 
 
 if __name__ == "__main__":
