@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import optuna
@@ -86,6 +87,9 @@ def test_a_worker_sent_sigterm_hands_its_trial_back_with_a_checkpoint(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    shown: list[str] = []
+    reader = threading.Thread(target=lambda: shown.extend(driver.stdout), daemon=True)
+    reader.start()
     worker = None
     try:
         worker = subprocess.Popen(
@@ -109,14 +113,18 @@ def test_a_worker_sent_sigterm_hands_its_trial_back_with_a_checkpoint(tmp_path):
         assert info["reason"] == "SIGTERM" and info["count"] == 1
         assert ckpt.load(Path(info["checkpoint"]))["fit"]["global_step"] == info["step"]
         assert "SIGTERM: stopping at step" in log.read_text()
+        # The sweep command, watching the study, says so too.
+        wait_for(lambda: any("trial 0 suspended at step" in line for line in shown), 30, "it")
     finally:
         for proc in (worker, driver):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    shown = driver.stdout.read()
-    assert "waiting for workers started elsewhere: python -m engine.search.worker" in shown
-    assert "trial 0 suspended at step" in shown
+    reader.join(timeout=10)
+    assert any(
+        "waiting for workers started elsewhere: python -m engine.search.worker" in line
+        for line in shown
+    )
 
 
 def wait_for(condition, timeout: float, what: str) -> None:

@@ -123,10 +123,8 @@ def test_a_tpe_sweep_of_two_worker_jobs_survives_a_killed_command_and_a_cancelle
     found = functools.partial(trials, sweep, storage, study)
     try:
         first = Command(cmd, env)
-        wait_for(
-            lambda: any(t.state == TrialState.COMPLETE for t in found()), 180,
-            what="a first trial to complete",
-        )  # fmt: skip
+        # Killed as soon as its jobs run trials: they have most of the budget still to run.
+        wait_for(lambda: running_on_slurm(found()), 180, what="a trial running in a job")
         first.kill()  # the sweep command dies; its two worker jobs go on in SLURM
         ours = {p.name for p in (sweep / ".submitit").iterdir()}
         queued = {job for job, state, _ in squeue_jobs() if state in ("RUNNING", "PENDING")}
@@ -134,7 +132,10 @@ def test_a_tpe_sweep_of_two_worker_jobs_survives_a_killed_command_and_a_cancelle
         assert len(jobs_before) == 2, (queued, ours)
 
         again = Command(cmd, env)  # the same command: re-attaches to the study and to the jobs
-        wait_for(lambda: "RUNNING" in again.text, 120, what="the command to find the jobs")
+        try:
+            wait_for(lambda: "worker job" in again.text, 180, what="the command to find the jobs")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; its output:\n{again.text}") from None
         victim = wait_for(lambda: running_on_slurm(found()), 120, what="a trial running in a job")
         job = victim.user_attrs["worker"]["slurm_job"]
         scancel(job)

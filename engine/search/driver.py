@@ -379,7 +379,7 @@ class _Supervisor:
         self.restarts, self.max_restarts = 0, 2 * workers.n + 2
 
     def spent(self) -> bool:
-        trials = self.sweep.storage.get_all_trials(self.study_id, deepcopy=False)
+        trials = self.sweep.study.get_trials(deepcopy=False)  # cached: see worker.run_worker
         self.progress.update(trials)
         counted, running, waiting = st.budget(trials)
         return counted >= self.sweep.spec.n_trials and not running and not waiting

@@ -126,13 +126,12 @@ def watch(sweep: Sweep, progress: Progress, rounds: LauncherRounds | None) -> No
     trials wait and fewer than ``search.n_workers`` jobs are alive. One function: the loop
     reads best as one piece."""
     spec, storage, study = sweep.spec, sweep.storage, sweep.study
-    study_id = storage.get_study_id_from_name(sweep.study_name)
     queue = SlurmQueue.for_sweep(sweep.config)
     wanted = sweep.config.search.n_workers or 1
     max_rounds = 2 * wanted + 2
     checked = 0.0
     while True:
-        trials = storage.get_all_trials(study_id, deepcopy=False)
+        trials = study.get_trials(deepcopy=False)  # cached finished trials: see run_worker
         progress.update(trials)
         counted, running, waiting = st.budget(trials)
         if counted >= spec.n_trials and not running and not waiting:
