@@ -23,7 +23,7 @@ from engine.search.storage import claim, open_storage
 storage = open_storage(sys.argv[1])
 study_id = storage.get_study_id_from_name("race")
 got = []
-while (t := claim(storage, study_id)) is not None:
+while (t := claim(storage, study_id, int(sys.argv[2]))) is not None:
     got.append(t.number)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
     storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.0])
@@ -39,13 +39,13 @@ def test_racing_claimers_take_each_trial_once_and_name_themselves_on_it(tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CLAIMER, journal],
+            [sys.executable, "-c", CLAIMER, journal, str(k)],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
             text=True,
         )
-        for _ in range(N_CLAIMERS)
+        for k in range(N_CLAIMERS)
     ]
     results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     claimed = [n for r in results for n in r["claimed"]]

@@ -240,14 +240,17 @@ def top_up(study: optuna.Study, spec: Spec) -> int:
     return need
 
 
-def claim(storage: optuna.storages.BaseStorage, study_id: int) -> FrozenTrial | None:
+def claim(
+    storage: optuna.storages.BaseStorage, study_id: int, worker: int = 0
+) -> FrozenTrial | None:
     """Take a WAITING trial (atomically: WAITING -> RUNNING) and name this worker on it; None
     when none is left.
 
     Retries and preempted trials go first, lowest number first. The other waiting trials are
-    empty slots, all alike: each worker starts at its own place among the first few, so that
-    many workers on a database do not all race for the same row (16 workers on PostgreSQL took
-    5 to 7 tries per claim when all began at the lowest). The worker's name goes on only after
+    empty slots, all alike: worker k starts at the k-th of the first few (``CLAIM_SPREAD``), so
+    that many workers on a database do not all race for the same row (16 workers on PostgreSQL
+    took 5 to 7 tries per claim when all began at the lowest), while one worker alone still runs
+    them in number order. The worker's name goes on only after
     the switch has succeeded: a rival that lost the race never writes it, so recovery checks the
     process that really runs the trial (a worker killed between the two writes is found by the
     trial's age, as one whose heartbeat stopped).
@@ -260,7 +263,7 @@ def claim(storage: optuna.storages.BaseStorage, study_id: int) -> FrozenTrial | 
     taken = {t.number for t in first}
     slots = sorted((t for t in waiting if t.number not in taken), key=lambda t: t.number)
     if slots:
-        start = os.getpid() % min(len(slots), CLAIM_SPREAD)
+        start = worker % min(len(slots), CLAIM_SPREAD)
         slots = slots[start:] + slots[:start]
     for t in first + slots:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)

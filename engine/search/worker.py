@@ -415,7 +415,7 @@ def run_worker(
             break
         if st.failures_in_a_row(trials, spec.session) >= spec.max_failures:
             break
-        frozen = st.claim(storage, study_id)
+        frozen = st.claim(storage, study_id, worker)
         if frozen is None:
             break
         run_trial(
