@@ -8,8 +8,10 @@ no per-sample ``Dataset.__getitem__`` and collate, which would dominate a small 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.dataset import DataError, DataInfo, Dataset, Split
+from engine.preprocess import numeric_column
 from engine.task import Task
 
 # --------------------------------------------------------------------------------------------
@@ -50,11 +53,10 @@ def _sklearn_table(name: str) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     y = np.asarray(bunch.target, dtype=np.int64)
     names = [str(n) for n in getattr(bunch, "target_names", range(int(y.max()) + 1))]
     info = DataInfo("classification", x.shape[1], len(names), class_names=names)
+    info.feature_names = [str(f) for f in bunch.feature_names]
     if name == "digits":
         info.input_shape = (1, 8, 8)
         info.class_names = [str(i) for i in range(10)]
-    else:
-        info.feature_names = [str(f) for f in bunch.feature_names]
     return x, y, info
 
 
@@ -75,7 +77,7 @@ def _synthetic_table(cfg: Any) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     return x.astype(np.float32), y.astype(np.int64), DataInfo("classification", f, c)
 
 
-def _header_names(path: Path, parquet: bool) -> list[str]:
+def header_names(path: Path, parquet: bool) -> list[str]:
     """The column names as written in the file, before pandas makes them unique."""
     if parquet:
         import pyarrow.parquet as pq
@@ -126,7 +128,7 @@ def _read_frame(path: Path, target: str | None = None):
     try:
         # Checked before the full read: pandas renames a CSV's repeated names, and fails on a
         # parquet file's with an unhelpful "Multiple matches for FieldRef".
-        _check_unique_names(_header_names(path, parquet), path, target)
+        _check_unique_names(header_names(path, parquet), path, target)
         if parquet:
             return pd.read_parquet(path)
         return pd.read_csv(path)
@@ -139,26 +141,14 @@ def _read_frame(path: Path, target: str | None = None):
 
 
 def _numeric_column(frame, column: str, path: Path) -> np.ndarray:
-    import pandas as pd
-
-    values = pd.to_numeric(frame[column], errors="coerce")
-    bad = values.isna() & frame[column].notna()
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(
-            f"{path}: feature column '{column}' holds non-numeric values (e.g. "
-            f"{frame[column].iloc[row]!r} in data row {row + 1}). Encode it as numbers, or leave it "
-            f"out with data.features=[...]."
-        )
-    array = values.to_numpy(dtype=np.float64)
-    finite = np.isfinite(array)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        raise DataError(
-            f"{path}: column '{column}' has {int((~finite).sum())} missing or infinite cells "
-            f"(first in data row {row + 1}). Fill or drop those rows before training."
-        )
-    return array.astype(np.float32)
+    return numeric_column(
+        frame[column],
+        f"{path}: column '{column}'",
+        non_numeric="holds non-numeric values (e.g. {value!r} in data row {row}). Encode it as "
+        "numbers, or leave it out with data.features=[...].",
+        not_finite="has {count} missing or infinite cells (first in data row {row}). Fill or "
+        "drop those rows before training.",
+    )
 
 
 def _is_classification_target(values: np.ndarray) -> bool:
@@ -321,22 +311,42 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, 
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-def build_dataset(cfg: Any) -> Dataset:
-    """Load, split (seeded by ``data.split_seed``) and standardise on the training split only."""
-    if cfg.name == "text":
-        from engine.text import build_text_dataset
+@dataclass
+class Table:
+    """A table's rows as loaded (features and targets in their own units) and its seeded split,
+    as row indices into them: what the dataset, the data card, cross-validation's folds and the
+    evaluation of a split are all made from, so they agree on which rows are which."""
 
-        return build_text_dataset(cfg)
+    x: np.ndarray  # [N, F] float32, raw
+    y: np.ndarray  # [N] int64 class indices, or float32 targets in their own units
+    info: DataInfo
+    train: np.ndarray  # sorted row indices
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_table(cfg: Any) -> Table:
+    """Load a table and split it (seeded by ``data.split_seed``, stratified by class)."""
     x, y, info = load_table(cfg)
     if len(x) < 3:
         raise DataError(f"data: {len(x)} rows are too few to split into train, val and test.")
     classes = y if info.task == "classification" else None
     tr, va, te = split_indices(len(x), cfg.val_fraction, cfg.test_fraction, cfg.split_seed, classes)
-    if cfg.standardize:
+    return Table(x, y, info, tr, va, te)
+
+
+def dataset_from_table(table: Table, standardize: bool) -> Dataset:
+    """The splits as tensors, features (and regression targets) standardised with the training
+    split's statistics only, which ``info`` records for whoever loads the model later."""
+    x, y, info = table.x, table.y, dataclasses.replace(table.info)
+    tr = table.train
+    if standardize:
         mean = x[tr].mean(axis=0)
         std = x[tr].std(axis=0)
         std[std < 1e-8] = 1.0  # constant columns stay constant instead of dividing by zero
         x = (x - mean) / std
+        info.feature_mean = [float(v) for v in mean]
+        info.feature_std = [float(v) for v in std]
     if info.task == "regression":
         info.target_mean = float(y[tr].mean())
         info.target_std = float(y[tr].std()) or 1.0
@@ -348,7 +358,17 @@ def build_dataset(cfg: Any) -> Dataset:
             torch.from_numpy(np.ascontiguousarray(y[idx])),
         )
 
-    return Dataset(make(tr), make(va) if len(va) else None, make(te), info)
+    va = table.val
+    return Dataset(make(tr), make(va) if len(va) else None, make(table.test), info)
+
+
+def build_dataset(cfg: Any) -> Dataset:
+    """Load, split (seeded by ``data.split_seed``) and standardise on the training split only."""
+    if cfg.name == "text":
+        from engine.text import build_text_dataset
+
+        return build_text_dataset(cfg)
+    return dataset_from_table(split_table(cfg), cfg.standardize)
 
 
 def write_data_info(info: DataInfo, run_dir: Path) -> None:

@@ -5,7 +5,7 @@ tables, engine/text.py's corpus) produces them without importing the others.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -28,10 +28,23 @@ class DataInfo:
     label_mapping: dict[str, int] | None = None  # string labels of a csv, in index order
     target_mean: float = 0.0  # regression targets are standardised on train; metrics undo it
     target_std: float = 1.0
+    # The training split's per-feature mean and std the features were standardised with (None:
+    # data.standardize=false, or text): what a loaded model applies to raw rows.
+    feature_mean: list[float] | None = None
+    feature_std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> DataInfo:
+        """The inverse of ``to_json`` (a run dir's ``data_info.json``); unknown keys are left."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        if values.get("input_shape") is not None:
+            values["input_shape"] = tuple(values["input_shape"])
+        return cls(**values)
 
 
 @dataclass

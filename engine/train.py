@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, ValidationError
 
 from engine import checkpoint as ckpt
+from engine import datacard
 from engine import distributed as dist
 from engine.config import (
     CONF_DIR,
@@ -35,7 +36,15 @@ from engine.config import (
     register_configs,
     validate,
 )
-from engine.data import BatchLoader, DataError, DataInfo, build_dataset, write_data_info
+from engine.data import (
+    BatchLoader,
+    DataError,
+    DataInfo,
+    build_dataset,
+    dataset_from_table,
+    split_table,
+    write_data_info,
+)
 from engine.faults import Faults
 from engine.losses import Objective, resolve_loss_name
 from engine.models import build_model, check_model_fits
@@ -145,6 +154,7 @@ class Data:
     val: BatchLoader | None
     test: BatchLoader
     rows: tuple[int, int, int]  # train, val, test
+    card: dict[str, Any] | None = None  # the data card (engine/datacard.py), written by rank 0
 
 
 @dataclass
@@ -192,7 +202,20 @@ def setup_runtime(t: Any) -> Runtime:
 
 def build_data(cfg: DictConfig, t: Any, rt: Runtime) -> Data:
     """The dataset, split, on the device when it fits, behind this rank's loaders."""
-    dataset = build_dataset(cfg.data)
+    if cfg.data.name == "text":
+        dataset = build_dataset(cfg.data)
+        card = datacard.describe_text(cfg.data, dataset) if rt.is_main else None
+    else:
+        table = split_table(cfg.data)
+        dataset = dataset_from_table(table, cfg.data.standardize)
+        card = datacard.describe_table(cfg.data, table, dataset.info) if rt.is_main else None
+    return data_from_dataset(cfg, t, rt, dataset, card)
+
+
+def data_from_dataset(
+    cfg: DictConfig, t: Any, rt: Runtime, dataset: Any, card: dict[str, Any] | None
+) -> Data:
+    """A built dataset's splits on the device when they fit, behind this rank's loaders."""
     info = dataset.info
     resolve_loss_name(cfg.loss, info)  # a loss that does not fit the task fails before any compute
     splits = {k: getattr(dataset, k) for k in ("train", "val", "test")}
@@ -207,7 +230,7 @@ def build_data(cfg: DictConfig, t: Any, rt: Runtime) -> Data:
         return BatchLoader(split, cfg.data.eval_batch_size, shuffle=False, **share)
 
     rows = tuple(len(splits[k]) if splits[k] is not None else 0 for k in ("train", "val", "test"))
-    return Data(info, train, eval_loader(splits["val"]), eval_loader(splits["test"]), rows)
+    return Data(info, train, eval_loader(splits["val"]), eval_loader(splits["test"]), rows, card)
 
 
 def build_components(cfg: DictConfig, t: Any, rt: Runtime, data: Data) -> Components:
@@ -245,6 +268,8 @@ def build_trainer(
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_data_info(data.info, run_dir)
+        if data.card is not None:
+            datacard.write(data.card, run_dir)
         for path in ckpt.remove_stale_temporaries(run_dir / "checkpoints"):
             log.info("removed %s, left half-written by an interrupted save", path.name)
     trainer = Trainer(

@@ -12,7 +12,7 @@ CASES = {
     "non_numeric_feature": (
         "x,y,label",
         ["1,abc,0"] + GOOD_ROWS,
-        "feature column 'y' holds non-numeric",
+        "column 'y' holds non-numeric",
     ),
     "nan_cell": ("x,y,label", ["1,,0"] + GOOD_ROWS, "column 'y' has 1 missing or infinite"),
     "inf_cell": ("x,y,label", ["inf,1,0"] + GOOD_ROWS, "column 'x' has 1 missing or infinite"),

@@ -33,6 +33,7 @@ from engine import redact
 from engine.config import SAMPLERS, ConfigError, check_override_keys, validate
 from engine.search import jobs, summary
 from engine.search import storage as st
+from engine.search.console import first_line, say, threads_each
 from engine.search.space import Param, grid, parse_space
 from engine.search.spec import Spec
 
@@ -40,10 +41,6 @@ log = logging.getLogger("engine.search")
 
 _SENTINEL = 987654321
 _BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-
-
-def say(message: str) -> None:
-    print(f"[sweep] {message}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,16 +91,8 @@ def _check_space(
             validate(cfg)
         except Exception as err:
             raise ConfigError(
-                f"search space: the trial config {shown} is invalid: {_first_line(err, 2)}"
+                f"search space: the trial config {shown} is invalid: {first_line(err, 2)}"
             ) from err
-
-
-def _first_line(err: BaseException, n: int = 1) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    text = ": ".join(lines[:n]) if lines else type(err).__name__
-    if err.__cause__ is not None:  # Hydra wraps OmegaConf's message ("could not be converted")
-        text += f" ({_first_line(err.__cause__)})"
-    return text
 
 
 def resolve_objectives(config: DictConfig) -> tuple[list[str], list[str], list[str]]:
@@ -246,11 +235,6 @@ def _worker_count(requested: int | None, waiting: int, per_trial: int = 1) -> tu
     return max(1, min(n, waiting)), slots
 
 
-def _threads_each(n: int) -> int:
-    """CPU threads per worker when ``n`` workers share this machine's cores."""
-    return max(1, st.cpu_count() // n)
-
-
 def _say_threads(threads: int) -> str:
     return f", {threads} thread{'s' if threads > 1 else ''} each" if threads else ""
 
@@ -266,7 +250,7 @@ class Workers:
 
     def __init__(self, storage_arg: str, study_name: str, n: int, gpus: list[str]):
         self.storage_arg, self.study_name, self.n, self.gpus = storage_arg, study_name, n, gpus
-        self.threads = _threads_each(n) if not gpus else 0
+        self.threads = threads_each(n) if not gpus else 0
         self.procs: dict[int, subprocess.Popen] = {}
 
     def start(self, k: int) -> None:

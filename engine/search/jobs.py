@@ -13,6 +13,7 @@ finds the jobs its earlier run submitted still in the queue and counts them.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 
 from engine import redact
 from engine.search import storage as st
+from engine.search.console import first_line, quote, say, threads_each
 from engine.search.slurm import SlurmQueue
 
 # ``sweep`` below is the driver's Sweep (plan, storage, study, config) and ``progress`` its
@@ -29,14 +31,6 @@ Sweep = Progress = Any
 
 RECOVER_EVERY_S = 5.0  # squeue and the trials' liveness, at most this often
 POLL_S = 0.5
-
-
-def _say(message: str) -> None:
-    print(f"[sweep] {message}", flush=True)
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class LauncherRounds:
@@ -73,8 +67,8 @@ class LauncherRounds:
             *sweep.spec.fixed,
             f"search.worker={k}",
             f"search.worker_threads={self.threads}",
-            f"search.storage={_quote(redact.mask(sweep.storage_arg))}",
-            f"search.study_name={_quote(sweep.study_name)}",
+            f"search.storage={quote(redact.mask(sweep.storage_arg))}",
+            f"search.study_name={quote(sweep.study_name)}",
             f"hydra.sweep.subdir=workers/worker_{k}",
         ]
 
@@ -91,7 +85,7 @@ class LauncherRounds:
                     try:
                         _ = result.return_value
                     except Exception as err:  # its trials are recovered by the watcher
-                        _say(f"a worker job failed: {_first_line(err)}")
+                        say(f"a worker job failed: {first_line(err)}")
             except BaseException as err:  # a job cancelled or lost: submitit raises for it
                 self.error = err
 
@@ -108,16 +102,11 @@ class LauncherRounds:
             self.thread.join(timeout=timeout)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def _threads_per_job(sweep: Sweep, n: int) -> int:
     """CPU threads per job: the launcher's ``cpus_per_task`` when it sets one, else this
     machine's cores shared out (a job on another machine takes no more than it was given)."""
     cpus = OmegaConf.select(sweep.config, "hydra.launcher.cpus_per_task", default=None)
-    return int(cpus) if cpus else max(1, st.cpu_count() // n)
+    return int(cpus) if cpus else threads_each(n)
 
 
 def watch(sweep: Sweep, progress: Progress, rounds: LauncherRounds | None) -> None:
@@ -141,10 +130,10 @@ def watch(sweep: Sweep, progress: Progress, rounds: LauncherRounds | None) -> No
             checked = time.monotonic()
             if queue is not None:
                 for job, old, new in queue.refresh():
-                    _say(f"worker job {job}: {old + ' -> ' if old else ''}{new}")
+                    say(f"worker job {job}: {old + ' -> ' if old else ''}{new}")
             lost = st.recover(study, storage, job_ended=queue.ended if queue else None)
             if lost:
-                _say(f"trial {', '.join(map(str, lost))} lost its worker; it will be retried")
+                say(f"trial {', '.join(map(str, lost))} lost its worker; it will be retried")
                 continue
         if rounds is None:  # external workers: nothing to submit, only to watch
             if failing and not running:
@@ -153,7 +142,7 @@ def watch(sweep: Sweep, progress: Progress, rounds: LauncherRounds | None) -> No
             continue
         error = rounds.take_error()
         if error is not None:
-            _say(f"worker jobs: {_first_line(error)}")
+            say(f"worker jobs: {first_line(error)}")
         if not rounds.busy():
             alive = queue.alive() if queue is not None else []
             need = min(wanted, waiting) - len(alive)
@@ -163,10 +152,10 @@ def watch(sweep: Sweep, progress: Progress, rounds: LauncherRounds | None) -> No
             unsure = queue is not None and not queue.answered and rounds.rounds > 0
             if need > 0 and not unsure:
                 if rounds.rounds >= max_rounds:
-                    _say(f"error: {rounds.rounds} rounds of worker jobs did not finish the budget")
+                    say(f"error: {rounds.rounds} rounds of worker jobs did not finish the budget")
                     return
                 more = " more" if rounds.rounds or alive else ""
-                _say(f"submitting {need}{more} worker job{'s' if need > 1 else ''}")
+                say(f"submitting {need}{more} worker job{'s' if need > 1 else ''}")
                 rounds.submit(need)
                 checked = 0.0  # show the new jobs' ids as soon as they exist
         time.sleep(POLL_S)
@@ -179,12 +168,10 @@ def run_launcher(sweep: Sweep, waiting: int, progress: Progress) -> None:
     threads = _threads_per_job(sweep, n)
     storage_arg = sweep.storage_arg
     if redact.has_secret(storage_arg):
-        import os
-
         os.environ[st.STORAGE_ENV] = storage_arg  # the jobs inherit it; their overrides do not
     rounds = LauncherRounds(sweep, threads)
     target = sweep.config.hydra.launcher._target_
-    _say(f"worker jobs through {target}: {n} at a time, {threads} thread(s) each")
+    say(f"worker jobs through {target}: {n} at a time, {threads} thread(s) each")
     watch(sweep, progress, rounds)
     rounds.join(timeout=30.0)  # the jobs end on their own once nothing waits
 
@@ -192,10 +179,10 @@ def run_launcher(sweep: Sweep, waiting: int, progress: Progress) -> None:
 def run_external(sweep: Sweep, progress: Progress) -> None:
     """Start no worker: wait for workers started elsewhere, watching the study."""
     masked = redact.mask(sweep.storage_arg)
-    storage = "" if redact.has_secret(sweep.storage_arg) else f" --storage {_quote(masked)}"
-    _say(
+    storage = "" if redact.has_secret(sweep.storage_arg) else f" --storage {quote(masked)}"
+    say(
         f"waiting for workers started elsewhere: python -m engine.search.worker --study "
-        f"{_quote(sweep.study_name)}{storage}"
+        f"{quote(sweep.study_name)}{storage}"
         + (f"  (the URL with its password in ${st.STORAGE_ENV})" if storage == "" else "")
     )
     watch(sweep, progress, None)
