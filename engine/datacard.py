@@ -72,7 +72,8 @@ def _class_balance(y: np.ndarray, names: list[str]) -> dict[str, int]:
 def _distribution(values: np.ndarray) -> dict[str, float]:
     if len(values) == 0:
         return {}
-    q = np.quantile(values.astype(np.float64), _QUANTILES)
+    values = values.astype(np.float64)
+    q = np.quantile(values, _QUANTILES)
     out = {"mean": float(values.mean()), "std": float(values.std())}
     out.update({f"q{int(p * 100):02d}": float(v) for p, v in zip(_QUANTILES, q)})
     return out

@@ -18,8 +18,12 @@ def test_main_job_writes_the_run_dir_layout_and_reaches_the_accuracy_target(cli,
         "checkpoints/last.pt",
         "checkpoints/best.pt",
         "train.log",
+        "data_card.md",
+        "data_card.json",
     ):
         assert (run_dir / part).exists(), part
+    card = json.loads((run_dir / "data_card.json").read_text())
+    assert card["source"]["name"] == "digits" and len(card["fingerprint"]) == 64
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/acc"] >= 0.96
     assert {
