@@ -48,7 +48,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or does not fit this run; the message says why."""
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # some filesystems do not allow opening a directory; nothing to sync then
@@ -448,7 +448,7 @@ def commit(fd: int, written: Path, path: Path, best: Path | None = None) -> None
             if not (path.exists() and os.path.samefile(written, path)):
                 written.unlink(missing_ok=True)
         raise _disk_error(err, path) from err
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_atomic(state: dict[str, Any], path: Path, best: Path | None = None) -> None:

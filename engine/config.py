@@ -337,6 +337,10 @@ class TrainerConfig:
     """skip: stop after this many skipped steps."""
     num_threads: int = 0
     """CPU threads for torch; 0 keeps torch's default."""
+    cv_folds: int = 0
+    """k-fold cross-validation (engine/cv.py): k >= 2 trains k models on stratified folds of
+    train+val (the test split stays held out), each in ``<run dir>/fold_<i>/``, and reports
+    ``cv/val/<metric>_mean`` and ``_std``; 0: off."""
 
 
 def validate_trainer(t: Any) -> None:
@@ -375,6 +379,12 @@ def validate_trainer(t: Any) -> None:
         "it must be positive",
     )
     _check(t.max_nan_skips >= 0, "trainer.max_nan_skips", t.max_nan_skips, "it must be >= 0")
+    _check(
+        t.cv_folds == 0 or t.cv_folds >= 2,
+        "trainer.cv_folds",
+        t.cv_folds,
+        "use 0 (no cross-validation) or a number of folds k >= 2",
+    )
     _check_seed("trainer.seed", t.seed)
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
@@ -395,7 +405,7 @@ def validate_trainer(t: Any) -> None:
 # search
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
-PRUNERS = ("none", "median", "hyperband")
+PRUNERS = ("none", "median", "hyperband", "wilcoxon")
 DIRECTIONS = ("auto", "maximize", "minimize")
 LAUNCH_MODES = ("auto", "processes", "launcher", "external")
 
@@ -417,7 +427,13 @@ class SearchConfig:
     the worker's own GPUs; gloo ranks on a machine without GPUs), as ``torchrun
     --nproc-per-node=<gpus_per_trial>`` would run it."""
     pruner: str = "none"
-    """none | median | hyperband: stop unpromising trials early from their per-epoch metric."""
+    """none | median | hyperband: stop unpromising trials early from their per-epoch metric;
+    wilcoxon: from their per-fold metric (``trainer.cv_folds``), paired with the best trial's
+    folds (Optuna's WilcoxonPruner)."""
+    wilcoxon_p_threshold: float = 0.1
+    """search.pruner=wilcoxon: prune when the signed-rank test's p-value that the trial is worse
+    than the best one falls below this. After n folds the smallest p is 2**-n, so 0.1 can prune
+    from the 4th fold on, 0.3 from the 2nd."""
     storage: str | None = None
     """Optuna storage URL (sqlite:///x.db, postgresql://user@host/db); null: a journal file
     ``study.journal`` in the sweep dir."""
@@ -447,6 +463,10 @@ class SearchConfig:
     """Internal: set on the jobs that run workers through a Hydra launcher."""
     worker_threads: int = 0
     """Internal: torch CPU threads of such a job (the sweep command shares the cores out)."""
+    register: str | None = None
+    """Register the best trial's run dir in the model registry under this model name when the
+    sweep ends (``python -m engine.registry``; its database from ``ENGINE_REGISTRY_STORAGE``,
+    default ``outputs/registry.db``); null: do not register."""
 
 
 def validate_search(s: Any) -> None:
@@ -460,6 +480,12 @@ def validate_search(s: Any) -> None:
         _check(s.n_workers > 0, "search.n_workers", s.n_workers, "it must be a positive integer")
     _check(s.gpus_per_trial > 0, "search.gpus_per_trial", s.gpus_per_trial, "it must be at least 1")
     _check(s.max_failures > 0, "search.max_failures", s.max_failures, "it must be positive")
+    _check(
+        0 < s.wilcoxon_p_threshold <= 1,
+        "search.wilcoxon_p_threshold",
+        s.wilcoxon_p_threshold,
+        "a p-value threshold is in (0, 1]",
+    )
     _check_seed("search.seed", s.seed)
     _check(bool(s.metric), "search.metric", s.metric, "name a key of metrics.json, e.g. val/acc")
     if s.metrics is not None:
@@ -520,8 +546,8 @@ def register_configs() -> None:
 def validate(cfg: Any) -> None:
     """Reject values that are well-typed but unusable, naming the key and the fix.
 
-    Each group is checked on its own, in the order of ``TrainConfig``; no check spans two groups
-    yet (one that does belongs here, after the groups')."""
+    Each group is checked on its own, in the order of ``TrainConfig``; the checks that span two
+    groups come after the groups' (cross-validation's)."""
     check_schema(cfg)
     validate_data(cfg.data)
     validate_model(cfg.model)
@@ -531,6 +557,38 @@ def validate(cfg: Any) -> None:
     validate_trainer(cfg.trainer)
     if cfg.get("search") is not None:
         validate_search(cfg.search)
+    validate_cv(cfg)
+
+
+def validate_cv(cfg: Any) -> None:
+    """``trainer.cv_folds`` with what cross-validation cannot do: folds of a table's rows, one
+    process per fold, steps that are folds."""
+    k = cfg.trainer.cv_folds
+    if k < 2:
+        return
+    _check(
+        cfg.data.name != "text",
+        "trainer.cv_folds",
+        k,
+        "data=text is one token stream, not rows to fold; use trainer.cv_folds=0 with data=text",
+    )
+    s = cfg.get("search")
+    if s is None:
+        return
+    _check(
+        s.gpus_per_trial == 1,
+        "trainer.cv_folds",
+        k,
+        f"cross-validation trains its folds in one process, not as DDP ranks "
+        f"(search.gpus_per_trial={s.gpus_per_trial}); use search.gpus_per_trial=1",
+    )
+    _check(
+        s.pruner != "hyperband",
+        "search.pruner",
+        s.pruner,
+        "with trainer.cv_folds a trial reports one step per fold, not per epoch; use "
+        "search.pruner=wilcoxon (or median, none)",
+    )
 
 
 def _schema_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, type]:

@@ -231,3 +231,54 @@ def log_classification_figures(
     if hist["count"].sum() > 0:
         image = reliability_diagram_image(hist["count"], hist["correct"], hist["conf_sum"])
         writer.add_image(prefix + "reliability", image, step, dataformats="HWC")
+
+
+# ---- more figures, and PNG files for reports ----------------------------------------------
+def png_bytes(img: np.ndarray) -> bytes:
+    """An ``[H, W, 3]`` uint8 image as a PNG file (zlib + struct: no imaging library needed)."""
+    import struct
+    import zlib
+
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    h, w = img.shape[:2]
+    raw = b"".join(b"\x00" + img[row].tobytes() for row in range(h))  # filter 0 per scanline
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+def histogram_image(counts, *, size: int = 256, margin: int = 12) -> np.ndarray:
+    """Bars of ``counts`` (equal-width bins left to right), scaled to the largest."""
+    counts = np.asarray(counts, dtype=np.float64)
+    img = np.full((size + 2 * margin, size + 2 * margin, 3), 255, dtype=np.uint8)
+    top = counts.max() if len(counts) and counts.max() > 0 else 1.0
+    n = max(len(counts), 1)
+    for i, c in enumerate(counts):
+        x0, x1 = margin + i * size / n + 1, margin + (i + 1) * size / n - 1
+        _fill(img, x0, x1, margin + (1 - c / top) * size, margin + size, _BLUE)
+    _fill(img, margin - 1, margin + size + 1, margin + size, margin + size + 1, _BLACK)
+    return img
+
+
+def residual_image(predicted, residual, *, size: int = 256, margin: int = 12) -> np.ndarray:
+    """Residual (target - prediction) against prediction, one dot per row, zero line in grey."""
+    p, r = np.asarray(predicted, np.float64), np.asarray(residual, np.float64)
+    img = np.full((size + 2 * margin, size + 2 * margin, 3), 255, dtype=np.uint8)
+    span = lambda v: (v.min(), v.max() - v.min() or 1.0)  # noqa: E731
+    (p0, pw), bound = span(p), max(float(np.abs(r).max()), 1e-12)
+    zero = margin + size / 2
+    _fill(img, margin, margin + size, zero, zero + 1, _GREY)
+    xs = margin + (p - p0) / pw * (size - 2)
+    ys = zero - r / bound * (size / 2 - 2)
+    for x, y in zip(xs, ys):
+        _fill(img, x, x + 2, y, y + 2, _BLUE, alpha=0.7)
+    return img

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, ValidationError
 
 from engine import checkpoint as ckpt
-from engine import datacard
+from engine import cv, datacard
 from engine import distributed as dist
 from engine.config import (
     CONF_DIR,
@@ -40,6 +40,7 @@ from engine.data import (
     BatchLoader,
     DataError,
     DataInfo,
+    Table,
     build_dataset,
     dataset_from_table,
     split_table,
@@ -200,13 +201,14 @@ def setup_runtime(t: Any) -> Runtime:
     return Runtime(device, precision, rank, world_size)
 
 
-def build_data(cfg: DictConfig, t: Any, rt: Runtime) -> Data:
-    """The dataset, split, on the device when it fits, behind this rank's loaders."""
+def build_data(cfg: DictConfig, t: Any, rt: Runtime, table: Table | None = None) -> Data:
+    """The dataset, split, on the device when it fits, behind this rank's loaders; ``table``:
+    rows already split another way (a cross-validation fold) instead of ``data``'s own split."""
     if cfg.data.name == "text":
         dataset = build_dataset(cfg.data)
         card = datacard.describe_text(cfg.data, dataset) if rt.is_main else None
     else:
-        table = split_table(cfg.data)
+        table = table if table is not None else split_table(cfg.data)
         dataset = dataset_from_table(table, cfg.data.standardize)
         card = datacard.describe_table(cfg.data, table, dataset.info) if rt.is_main else None
     return data_from_dataset(cfg, t, rt, dataset, card)
@@ -324,17 +326,19 @@ def build_job(
     epoch_callback: Callable[..., None] | None = None,
     hparams_group: str = "",
     hparams_session: bool = True,
+    table: Table | None = None,
 ) -> Job:
     """Validate, then build the runtime, data, components and trainer (resumed if asked).
 
     ``hparams_session=False`` leaves the HPARAMS session to the caller (a sweep writes it when the
-    trial ends, with the trial's state among the hparams)."""
+    trial ends, with the trial's state among the hparams). ``table``: a fold's split rows
+    (engine/cv.py) instead of the config's split."""
     validate(cfg)
     run_dir = Path(run_dir)
     # Plain dataclasses from here on: OmegaConf attribute access is too slow for a per-step path.
     t = OmegaConf.to_object(cfg.trainer)
     rt = setup_runtime(t)
-    data = build_data(cfg, t, rt)
+    data = build_data(cfg, t, rt, table)
     parts = build_components(cfg, t, rt, data)
     trainer, resumed = build_trainer(cfg, t, run_dir, rt, data, parts, epoch_callback)
     logger: Any = NullLogger()
@@ -404,8 +408,21 @@ def finish_job(job: Job) -> dict[str, float]:
     return results
 
 
-def run(cfg: DictConfig, run_dir: Path, **job_options: Any) -> dict[str, float]:
-    """Train and test one configuration in ``run_dir``; return the flat metrics dict."""
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    fold_callback: Callable[..., None] | None = None,
+    **job_options: Any,
+) -> dict[str, float]:
+    """Train and test one configuration in ``run_dir``; return the flat metrics dict.
+
+    ``trainer.cv_folds >= 2``: the k folds instead (engine/cv.py), each a run of its own; a
+    sweep's ``fold_callback`` then hears of every finished fold (its ``epoch_callback`` of none:
+    a trial reports per fold)."""
+    if cfg.trainer.cv_folds >= 2:
+        job_options.pop("epoch_callback", None)
+        return cv.run_folds(cfg, Path(run_dir), run, fold_callback=fold_callback, **job_options)
     return finish_job(build_job(cfg, run_dir, **job_options))
 
 

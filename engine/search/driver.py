@@ -106,6 +106,11 @@ def resolve_objectives(config: DictConfig) -> tuple[list[str], list[str], list[s
     task = describe_task(config.data)
     metrics = list(s.metrics) if s.metrics else [s.metric]
     given = list(s.directions) if s.directions else [s.direction] * len(metrics)
+    if config.trainer.cv_folds >= 2:  # a trial's metrics are the folds' cv/... means and stds
+        from engine import cv
+
+        metrics = [cv.sweep_metric(m, config.trainer.monitor, task) for m in metrics]
+        return metrics, [optuna_direction(m, d) for m, d in zip(metrics, given)], cv.tags(task)
     metrics = [resolve_monitor(m, "auto", task)[0] for m in metrics]
     directions = [optuna_direction(m, d) for m, d in zip(metrics, given)]
     return metrics, directions, task.tags()
@@ -177,6 +182,7 @@ def plan(config: DictConfig, arguments: list[str], hydra_context: Any = None) ->
         seed=int(s.seed),
         n_trials=int(n_trials),
         pruner=s.pruner,
+        wilcoxon_p_threshold=float(s.wilcoxon_p_threshold),
         max_epochs=max_epochs,
         metrics=metrics,
         directions=directions,
@@ -474,6 +480,10 @@ def open_sweep(config: DictConfig, arguments: list[str], hydra_context: Any) -> 
                 say(f"this sweep dir holds study {names[0]!r}: resuming it")
                 study_name = names[0]
         study, resumed = open_study(storage, study_name, spec)
+        if s.register:  # a bad model name is refused before any trial runs
+            from engine.registry.refs import check_name
+
+            check_name(s.register)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -537,6 +547,22 @@ def run_workers(sweep: Sweep, waiting: int, progress: Progress) -> Workers | Non
     return workers
 
 
+def register_best(run_dir: Path, name: str) -> None:
+    """``search.register=<name>``: the best trial's run dir becomes the model's next version,
+    in the registry ``ENGINE_REGISTRY_STORAGE`` names (default ``outputs/registry.db``). A
+    refusal exits with code 2; the sweep's reports are written already."""
+    import engine.registry.api as api
+    from engine.registry.cli import user_errors
+
+    try:
+        with api.open_registry() as reg:
+            version = api.register(reg, run_dir, name)
+    except user_errors() as err:
+        print(f"error: search.register={name}: {redact.mask(str(err))}", file=sys.stderr)
+        sys.exit(2)
+    say(f"registered the best trial as {version.ref}: python -m engine.registry show {version.ref}")
+
+
 def finish(sweep: Sweep, progress: Progress, started: float) -> None:
     """The reports and the leaderboard; exit code 1 when the sweep stopped on failures or no
     trial completed."""
@@ -549,6 +575,8 @@ def finish(sweep: Sweep, progress: Progress, started: float) -> None:
             f"best: trial {best.number}, reproduce with: python -m engine.train "
             f"--config-dir {sweep_dir} --config-name best"
         )
+    if best is not None and sweep.config.search.register:
+        register_best(summary.trial_dir(best, spec, sweep_dir), sweep.config.search.register)
     trials = study.get_trials(deepcopy=False)
     failing = st.failures_in_a_row(trials, spec.session)
     if failing >= spec.max_failures and _waiting(study):

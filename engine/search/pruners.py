@@ -14,6 +14,12 @@ Where pruning can happen (``trainer.max_epochs`` = R, epochs counted from 1):
 - ``hyperband`` (reduction factor 3, min resource 1): Optuna's brackets s = 0 .. floor(log3 R);
   bracket s has its rungs at epochs 3**s, 3**(s+1), ... below R (bracket 0: epochs 1, 3, 9, 27, ...;
   the last bracket runs every trial to the end).
+- ``wilcoxon``: meant for cross-validation (``trainer.cv_folds``), where a trial reports one
+  value per finished fold (step = the fold's index, :meth:`Reporter.fold`): Optuna's
+  WilcoxonPruner pairs the trial's folds with the best trial's same folds and prunes when the
+  one-sided signed-rank p-value is below ``search.wilcoxon_p_threshold``, from the 2nd fold on
+  (and never at the last fold). Folds are the same rows for every trial (they depend on
+  ``data.split_seed`` and k only), which is what makes the pairs paired.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from engine.config import PRUNERS, ConfigError
 from engine.trainer import StopRun
 
 
-def make_pruner(name: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
+def make_pruner(
+    name: str, max_epochs: int | None, p_threshold: float = 0.1
+) -> optuna.pruners.BasePruner:
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
@@ -40,6 +48,9 @@ def make_pruner(name: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource=max_epochs or "auto", reduction_factor=3
         )
+    if name == "wilcoxon":
+        # A signed-rank test needs at least two pairs; more startup steps would only delay it.
+        return optuna.pruners.WilcoxonPruner(p_threshold=p_threshold, n_startup_steps=2)
     raise ConfigError(f"search.pruner={name!r} is unknown; choose one of {', '.join(PRUNERS)}")
 
 
@@ -47,8 +58,8 @@ class Pruned(optuna.TrialPruned, StopRun):
     """Raised from the epoch callback: Optuna's pruned trial, and for the run a ``StopRun``
     (its HPARAMS status: unknown, as the API has no "pruned")."""
 
-    def __init__(self, epoch: int, value: float):
-        super().__init__(f"pruned after epoch {epoch + 1} with value {value:.6g}")
+    def __init__(self, epoch: int, value: float, unit: str = "epoch"):
+        super().__init__(f"pruned after {unit} {epoch + 1} with value {value:.6g}")
         self.epoch, self.value = epoch, value
 
 
@@ -82,3 +93,26 @@ class Reporter:
         self.trial.report(value, self.epochs)
         if not final and self.trial.should_prune():
             raise Pruned(epoch, value)
+
+    def fold(self, index: int, fold: dict[str, float], summary: dict[str, float], final: bool):
+        """The trial's ``fold_callback`` under cross-validation: report the finished fold's own
+        value of the objective (``val/acc`` for ``cv/val/acc_mean``) at step = the fold's index,
+        and stop the trial when pruned. ``summary``: the cv metrics over the folds so far, what
+        a pruned trial keeps as its results."""
+        from engine.cv import fold_metric
+
+        self.last, self.epochs = dict(summary), index + 1
+        if len(self.metrics) != 1:
+            return
+        name = fold_metric(self.metrics[0])
+        if name not in fold:
+            raise ConfigError(
+                f"search.metric={self.metrics[0]}: the folds report no {name} "
+                f"({', '.join(sorted(fold))}); pick cv/<one of them>_mean."
+            )
+        value = float(fold[name])
+        if not math.isfinite(value):
+            return
+        self.trial.report(value, index)
+        if not final and self.trial.should_prune():
+            raise Pruned(index, value, unit="fold")

@@ -46,6 +46,8 @@ class Spec:
     """The run metrics the HPARAMS dashboard shows as columns."""
     subdir: str = "trial_{number}"
     """Trial folder name under the sweep dir, with ``{number}`` the Optuna trial number."""
+    wilcoxon_p_threshold: float = 0.1
+    """``search.wilcoxon_p_threshold``, for ``pruner=wilcoxon``."""
     gpus_per_trial: int = 1
     """DDP ranks per trial (``search.gpus_per_trial``); 1: the trial runs in the worker itself.
     A study stored before this field existed reads back as 1."""

@@ -92,7 +92,7 @@ def resolve_storage(given: str | None) -> str:
     )
 
 
-def _driver_url(url: str) -> str:
+def driver_url(url: str) -> str:
     """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when only it is there."""
     if not url.startswith("postgresql://"):
         return url
@@ -111,7 +111,7 @@ def open_storage(arg: str) -> optuna.storages.BaseStorage:
 
     try:
         if "://" in arg:
-            url = _driver_url(arg)
+            url = driver_url(arg)
             kwargs: dict[str, Any] = {}
             if url.startswith("sqlite"):
                 # Several processes write one SQLite file: wait for its lock instead of failing.

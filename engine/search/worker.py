@@ -10,14 +10,14 @@ A trial is an ordinary run: its config is composed by Hydra's compose API from t
 the sweep's fixed overrides and the trial's params; it gets its own run dir
 (``<sweep dir>/trial_<number>``: ``.hydra/``, ``metrics.json``, ``checkpoints/``, ``tb/``,
 ``train.log``). The trainer reports the objective after every epoch (engine.search.pruners), so
-pruners stop it in the middle. Its HPARAMS session is written when it ends, with ``trial.number``
+pruners stop it in the middle; a cross-validation trial (``trainer.cv_folds``) reports after
+every fold instead, and its folds are ``fold_<i>/`` run dirs inside the trial's. Its HPARAMS session is written when it ends, with ``trial.number``
 and ``trial.state`` (complete, pruned, failed) among the hparams and ``trial/value`` as a metric.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import logging
@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
 from engine import preempt
+from engine.runlog import also_log_to
 from engine.search import storage as st
 from engine.search.pruners import Pruned, Reporter, make_pruner
 from engine.search.samplers import make_sampler, trial_seed
@@ -171,17 +172,9 @@ class Outcome:
         return self.values[0] if self.values else None
 
 
-@contextlib.contextmanager
 def trial_log(run_dir: Path, log_format: str):
     """Everything logged while the trial runs also goes to its own ``train.log``."""
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter(log_format))
-    logging.getLogger().addHandler(handler)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    return also_log_to(run_dir / "train.log", logging.Formatter(log_format))
 
 
 def _execute(
@@ -217,7 +210,14 @@ def _execute(
                 k, log_format = spec.gpus_per_trial, composer.log_format
                 out.results = run_ranks(k, run_cfg, run_dir, trial, spec, reporter, log_format)
             else:
-                out.results = run(run_cfg, run_dir, epoch_callback=reporter, hparams_session=False)
+                # Under cross-validation (trainer.cv_folds) the run reports per fold instead.
+                out.results = run(
+                    run_cfg,
+                    run_dir,
+                    epoch_callback=reporter,
+                    fold_callback=reporter.fold,
+                    hparams_session=False,
+                )
         finally:
             out.run_seconds = time.perf_counter() - run_started
         missing = [m for m in spec.metrics if m not in out.results]
@@ -288,7 +288,7 @@ def run_trial(
         study_name=study_name,
         storage=storage,
         sampler=make_sampler(spec.sampler, trial_seed(spec.seed, number), spec.n_trials),
-        pruner=make_pruner(spec.pruner, spec.max_epochs),
+        pruner=make_pruner(spec.pruner, spec.max_epochs, spec.wilcoxon_p_threshold),
     )
     study_id = storage.get_study_id_from_name(study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)

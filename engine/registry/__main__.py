@@ -1,0 +1,5 @@
+import sys
+
+from engine.registry.cli import main
+
+sys.exit(main())
