@@ -194,7 +194,9 @@ def test_a_storage_password_reaches_the_ranks_in_their_environment_only(monkeypa
     monkeypatch.setattr(ddp, "launch", fake_launch)
     monkeypatch.delenv(STORAGE_ENV, raising=False)
     trial = SimpleNamespace(storage=rdb, study=SimpleNamespace(study_name="S"), number=3)
-    spec = SimpleNamespace(metrics=["val/acc"], pruner="hyperband", max_epochs=4)
+    spec = SimpleNamespace(
+        metrics=["val/acc"], pruner="hyperband", max_epochs=4, wilcoxon_p_threshold=0.1
+    )
     reporter = SimpleNamespace(last={}, epochs=0)
     cfg = OmegaConf.create({"trainer": {"device": "cpu"}})
     with pytest.raises(Pruned, match="after epoch 2 "):

@@ -372,6 +372,7 @@ class RankTask:
     pruner: str
     max_epochs: int | None
     threads: int
+    wilcoxon_p_threshold: float
     log_format: str
 
 
@@ -432,6 +433,7 @@ def run_ranks(
         pruner=spec.pruner,
         max_epochs=spec.max_epochs,
         threads=threads,
+        wilcoxon_p_threshold=spec.wilcoxon_p_threshold,
         log_format=log_format,
     )
     log.info("trial %d: %d DDP ranks, %d torch threads each", trial.number, nprocs, threads)
@@ -519,7 +521,7 @@ def _open_reporter(task: RankTask) -> Any:
     study = optuna.load_study(
         study_name=task.study_name,
         storage=storage,
-        pruner=make_pruner(task.pruner, task.max_epochs),
+        pruner=make_pruner(task.pruner, task.max_epochs, task.wilcoxon_p_threshold),
     )
     study_id = storage.get_study_id_from_name(task.study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, task.number)
