@@ -16,45 +16,34 @@ value (and whether it is the same trial), and the wall-time ratio against no pru
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import optuna
 from optuna.trial import TrialState
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from engine.search.storage import open_storage  # noqa: E402
+# benchmarks/sweep.py: one sweep through the CLI, measured (it puts the repo on sys.path)
+from sweep import run  # noqa: E402
 
 
 def sweep(label: str, sweep_dir: Path, args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "engine.train", "-m", *args, f"hydra.sweep.dir={sweep_dir}"]
-    started = time.perf_counter()
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{result.stdout}\n{result.stderr}")
-    study = optuna.load_study(
-        study_name=sweep_dir.name, storage=open_storage(str(sweep_dir / "study.journal"))
-    )
-    trials = study.get_trials()
-    best = study.best_trial
+    measured = run(label, sweep_dir, args)
+    trials, complete = measured["finished"], measured["complete"]
+    best = max(complete, key=lambda t: t.value)
     return {
         "label": label,
-        "wall": wall,
-        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
-        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "wall": measured["wall"],
+        "complete": len(complete),
+        "pruned": measured["pruned"],
         # A fold with a metrics.json was trained to its end (a pruned trial stops after one).
         "folds": len(list(sweep_dir.glob("trial_*/fold_*/metrics.json"))),
         "best": best.value,
         # Inside engine.train.run, all trials: the folds' own cost without the fixed start-up.
-        "inside": sum(t.user_attrs.get("run_seconds", 0.0) for t in trials),
+        "inside": measured["inside"],
         "best_trial": best.number,
-        "pruned_at": sorted(len(t.intermediate_values) for t in trials if t.state.name == "PRUNED"),
+        "pruned_at": sorted(
+            len(t.intermediate_values) for t in trials if t.state == TrialState.PRUNED
+        ),
     }
 
 

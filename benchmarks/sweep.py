@@ -66,6 +66,7 @@ def run(label: str, sweep_dir: Path, args: list[str]) -> dict:
         "overhead": (span - inside) / len(trials),
         "started_at": started_at,
         "complete": complete,
+        "finished": trials,
     }
 
 
