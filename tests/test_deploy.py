@@ -61,8 +61,17 @@ def container(name: str) -> dict:
     return c
 
 
-def pod_specs() -> list[dict]:
-    return [d["spec"]["template"]["spec"] for d in docs() if "template" in d.get("spec", {})]
+def part_of(d: dict) -> str | None:
+    return d["metadata"].get("labels", {}).get("app.kubernetes.io/part-of")
+
+
+def pod_specs(part: str = "engine-sweep") -> list[dict]:
+    """The pod specs of one application's workloads (the sweep's, or the server's)."""
+    return [
+        d["spec"]["template"]["spec"]
+        for d in docs()
+        if "template" in d.get("spec", {}) and part_of(d) == part
+    ]
 
 
 # ---- the linters ----------------------------------------------------------------------------
@@ -142,7 +151,11 @@ def test_the_study_job_and_the_workers_agree():
     assert w[w.index("--study") + 1] == args["search.study_name"]
     assert float(w[w.index("--wait-for-study") + 1]) > 0
     # Every pod mounts the one shared claim where the driver's sweep dir is.
-    claims = {d["metadata"]["name"]: d for d in docs() if d["kind"] == "PersistentVolumeClaim"}
+    claims = {
+        d["metadata"]["name"]: d
+        for d in docs()
+        if d["kind"] == "PersistentVolumeClaim" and part_of(d) == "engine-sweep"
+    }
     assert [c["spec"]["accessModes"] for c in claims.values()] == [["ReadWriteMany"]]
     for spec in pod_specs():
         (volume,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
@@ -365,3 +378,216 @@ def test_the_manifests_commands_run_a_sweep_as_local_processes(tmp_path):
     print(
         f"k8s_local.sh: 3 trials, 2 workers, {seconds:.1f} s ({'postgresql' if url else 'journal'})"
     )
+
+
+# ---- serving (deploy/k8s/40-serve.yaml) -----------------------------------------------------
+
+
+def _serve_docs() -> dict[str, dict]:
+    return {d["kind"]: d for d in docs() if part_of(d) == "engine-serve"}
+
+
+def _server() -> dict:
+    (c,) = _serve_docs()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _port_number(c: dict, port) -> int:
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in c["ports"] if p["name"] == port]
+    return number
+
+
+def test_the_server_deployment_probes_the_v2_health_endpoints_on_its_port():
+    c = _server()
+    args = dict(a.split("=", 1) for a in c["args"])
+    assert c["command"] == ["python", "-m", "engine.serve"]
+    assert args["serve.host"] == "0.0.0.0"  # the server binds 127.0.0.1 unless told
+    probes = {
+        kind: c[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    assert probes["startupProbe"]["path"].startswith("/v2/health/")
+    for probe in probes.values():
+        assert _port_number(c, probe["port"]) == int(args["serve.port"])
+    # SIGTERM drains: the pod's grace period outlasts the preStop pause and the server's drain.
+    pod = _serve_docs()["Deployment"]["spec"]["template"]["spec"]
+    pause = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pause + float(args["serve.shutdown_timeout_s"])
+
+
+def test_the_server_takes_its_token_and_database_from_secrets_and_reads_the_store_read_only():
+    c = _server()
+    env = {e["name"]: e for e in c["env"]}
+    assert env["ENGINE_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "engine-serve-token",
+        "key": "token",
+    }
+    assert env["ENGINE_REGISTRY_STORAGE"]["valueFrom"]["secretKeyRef"] == {
+        "name": "engine-registry-db",
+        "key": "url",
+    }
+    assert not [a for a in c["args"] if "token" in a or "storage" in a or "$(" in a]
+    assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+    (mount,) = [
+        m for m in c["volumeMounts"] if m["mountPath"] == env["ENGINE_REGISTRY_STORE"]["value"]
+    ]
+    assert mount["readOnly"] is True
+    pod = _serve_docs()["Deployment"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert (
+        volume["persistentVolumeClaim"]["claimName"]
+        == _serve_docs()["PersistentVolumeClaim"]["metadata"]["name"]
+    )
+    assert pod["automountServiceAccountToken"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_the_service_and_the_autoscaler_point_at_the_server():
+    serve = _serve_docs()
+    deployment, service, hpa = (
+        serve["Deployment"],
+        serve["Service"],
+        serve["HorizontalPodAutoscaler"],
+    )
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("http", 80, "http")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"] == 2
+    assert hpa["spec"]["maxReplicas"] == 10
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] > 0
+    assert "requests" in _server()["resources"]  # CPU utilisation is relative to requests.cpu
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_server_deployments_command_runs_and_answers_its_probes(tmp_path):
+    """The Deployment engine-serve's container command, args and env, run as a local process
+    against a tiny registry in tmp_path. Substituted, and only these: ``serve.host=0.0.0.0``
+    becomes ``serve.host=127.0.0.1`` (tests listen on the loopback only), ``serve.port`` a free
+    port (the probes' port is checked against the manifest's instead), ``serve.log_dir`` a
+    folder in tmp_path; the Secrets' values are the test's token and registry database, and
+    ENGINE_REGISTRY_STORE (the volume's mount path) the test's store."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    c = _server()
+    args = dict(a.split("=", 1) for a in c["args"])
+    model = args["model"]
+    name, alias = model.split("@")
+    run, db, store = tmp_path / "run", tmp_path / "registry.db", tmp_path / "registry"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    fast = ["trainer.progress=none", "trainer.num_threads=1", "trainer.max_epochs=1"]
+    for argv in (
+        ["engine.train", *fast, "model=linear", f"hydra.run.dir={run}"],
+        [
+            "engine.registry",
+            "register",
+            str(run),
+            "--name",
+            name,
+            "--storage",
+            str(db),
+            "--store",
+            str(store),
+        ],
+        ["engine.registry", "promote", f"{name}@1", "--alias", alias, "--storage", str(db)],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", *argv],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+
+    port = _free_port()
+    substitute = {
+        "serve.host": "127.0.0.1",
+        "serve.port": str(port),
+        "serve.log_dir": str(tmp_path / "serve"),
+    }
+    words = [sys.executable] + c["command"][1:]
+    for a in c["args"]:
+        key = a.split("=", 1)[0]
+        words.append(f"{key}={substitute[key]}" if key in substitute else a)
+    token = uuid.uuid4().hex
+    secrets = {
+        ("engine-serve-token", "token"): token,
+        ("engine-registry-db", "url"): str(db),
+    }
+    limits = c["resources"]["limits"]
+    server_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for e in c["env"]:
+        if "value" in e:
+            server_env[e["name"]] = (
+                str(store) if e["name"] == "ENGINE_REGISTRY_STORE" else e["value"]
+            )
+        elif "secretKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["secretKeyRef"]
+            server_env[e["name"]] = secrets[(ref["name"], ref["key"])]
+        else:
+            field = e["valueFrom"]["resourceFieldRef"]["resource"]
+            server_env[e["name"]] = str(limits[field.split(".", 1)[1]])
+    assert token not in " ".join(words)
+
+    proc = subprocess.Popen(
+        words,
+        cwd=tmp_path,
+        env=server_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def get(path: str, auth: bool = False) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        if auth:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if get("/v2/health/ready") == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "the server did not get ready in 120 s"
+            time.sleep(0.3)
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert get(c[kind]["httpGet"]["path"]) == 200, kind
+        # /metrics wants the token (say so to the scrape job); with it, Prometheus text.
+        assert get("/metrics") == 401
+        assert get("/metrics", auth=True) == 200
+        assert json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/live", timeout=5).read()
+        ) == {"live": True}
+    finally:
+        proc.send_signal(signal.SIGTERM)  # what the kubelet sends: a graceful stop
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert token not in out

@@ -3,14 +3,13 @@ onto a typed schema so a misspelt key or a wrong type is refused with the closes
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
 from engine.config import ConfigError
+from engine.keyvalue import parse as parse_key_values
 
 SPLITS = ("test", "val", "train")
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,45 +43,13 @@ class EvalOptions:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
 
-def _keys(node: Any, prefix: str = "") -> list[str]:
-    out = []
-    for name, value in node.items():
-        key = f"{prefix}{name}"
-        out.append(key)
-        if isinstance(value, dict):
-            out.extend(_keys(value, key + "."))
-    return out
-
-
-_VALID = _keys(OmegaConf.to_container(OmegaConf.structured(EvalOptions), throw_on_missing=False))
-
-
-def suggest(key: str, valid: list[str]) -> str:
-    """`` (did you mean <closest>?)``, or nothing when no valid key is close."""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def parse(argv: list[str]) -> EvalOptions:
     """``EvalOptions`` from ``key=value`` arguments; a ``ConfigError`` names a bad one."""
-    schema = OmegaConf.structured(EvalOptions)
-    for arg in argv:
-        if "=" not in arg:
-            raise ConfigError(f"'{arg}': arguments are key=value, e.g. run=outputs/runs/<dir>.")
-        key = arg.split("=", 1)[0].lstrip("+")
-        if not key.startswith("data.") and key not in _VALID:
-            raise ConfigError(
-                f"unknown key '{key}'{suggest(key, _VALID)}. Keys: {', '.join(_VALID)}."
-            )
-    try:
-        cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist([a.lstrip("+") for a in argv]))
-    except OmegaConfBaseException as err:
-        key = str(getattr(err, "full_key", None) or "argument")
-        hint = "" if key in _VALID else suggest(key, _VALID)
-        raise ConfigError(f"{key}: {str(err).splitlines()[0]}{hint}") from err
-    if OmegaConf.is_missing(cfg, "run"):
+    if not any(a.lstrip("+").startswith("run=") for a in argv):
         raise ConfigError("run=<run dir> is required: the folder a training run wrote.")
-    options: EvalOptions = OmegaConf.to_object(cfg)
+    options = parse_key_values(
+        EvalOptions, argv, example="run=outputs/runs/<dir>", free_prefixes=("data.",)
+    )
     if options.split not in SPLITS:
         raise ConfigError(f"split={options.split}: unknown split; use one of {', '.join(SPLITS)}.")
     if options.eval.device not in DEVICES:

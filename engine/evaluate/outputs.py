@@ -16,7 +16,7 @@ from engine import data as data_mod
 from engine import preprocess
 from engine.config import ConfigError
 from engine.dataset import DataError
-from engine.evaluate.options import suggest
+from engine.keyvalue import suggest
 from engine.predictor import Predictor
 
 

@@ -26,9 +26,11 @@ MAX_ROWS = 10_000
 FORMAT_KEY = "reference"
 
 
-def build(cfg: DictConfig, fingerprint: str | None) -> tuple[bytes | None, dict[str, Any]]:
-    """(the sample file's bytes, what the lineage records about it); no bytes, with the
-    reason recorded, when the training rows cannot be rebuilt."""
+def sample(
+    cfg: DictConfig, fingerprint: str | None
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(the sample as ``read`` returns it, what the lineage records about it); no sample, with
+    the reason recorded, when the training rows cannot be rebuilt."""
     from engine.data import split_table
     from engine.dataset import DataError
 
@@ -47,20 +49,34 @@ def build(cfg: DictConfig, fingerprint: str | None) -> tuple[bytes | None, dict[
         }
     if len(rows) > MAX_ROWS:  # a seeded subset, the same on every registration
         rows = np.sort(np.random.default_rng(0).choice(rows, MAX_ROWS, replace=False))
+    arrays = {
+        "features": feature_names(table.info),
+        "task": table.info.task,
+        "rows": rows.astype(np.int64),
+        "x": np.ascontiguousarray(table.x[rows]),
+        "y": np.ascontiguousarray(table.y[rows]),
+    }
+    return arrays, {"rows": int(len(rows)), "of_training_rows": int(len(table.train))}
+
+
+def build(cfg: DictConfig, fingerprint: str | None) -> tuple[bytes | None, dict[str, Any]]:
+    """(the sample file's bytes, what the lineage records about it); no bytes, with the
+    reason recorded, when the training rows cannot be rebuilt."""
+    arrays, about = sample(cfg, fingerprint)
+    if arrays is None:
+        return None, about
     state = {
         "format": ckpt.FORMAT,
         "kind": FORMAT_KEY,
-        "features": feature_names(table.info),
-        "task": table.info.task,
-        "rows": torch.from_numpy(rows.astype(np.int64)),
-        "x": torch.from_numpy(np.ascontiguousarray(table.x[rows])),
-        "y": torch.from_numpy(np.ascontiguousarray(table.y[rows])),
+        "features": arrays["features"],
+        "task": arrays["task"],
+        **{key: torch.from_numpy(arrays[key]) for key in ("rows", "x", "y")},
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "reference.pt"
         ckpt.save_atomic(state, path)
         data = path.read_bytes()
-    return data, {"rows": int(len(rows)), "of_training_rows": int(len(table.train))}
+    return data, about
 
 
 def read(path: Path) -> dict[str, Any]:
