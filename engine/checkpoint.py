@@ -32,6 +32,7 @@ import math
 import os
 import queue
 import random
+import secrets
 import shutil
 import threading
 import zlib
@@ -46,6 +47,21 @@ from engine.faults import Faults
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or does not fit this run; the message says why."""
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all, also with other writers of the same file at the same
+    time (two sweep commands on one sweep dir): each writes its own temporary file in the same
+    folder, then renames it over ``path``. Opened exclusively rather than with ``tempfile`` so
+    that it gets the umask's permissions, as the file it replaces did."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("x", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fsync_dir(folder: Path) -> None:

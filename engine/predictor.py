@@ -84,6 +84,7 @@ class Predictions:
     labels: list[str] | None = None  # classification: the predicted classes' names
     probabilities: np.ndarray | None = None  # [N, C]
     confidence: np.ndarray | None = None  # [N], the top class's probability
+    class_index: np.ndarray | None = None  # [N] int64, the predicted classes' indices
 
 
 @dataclass
@@ -124,11 +125,13 @@ class Predictor:
             return Predictions(preprocess.target_units(out.numpy(), self.info))
         probs = torch.softmax(out, dim=-1)
         confidence, index = probs.max(dim=-1)
+        index = index.numpy()
         return Predictions(
             out.numpy(),
-            preprocess.class_names(index.numpy(), self.info),
+            preprocess.class_names(index, self.info),
             probs.numpy(),
             confidence.numpy(),
+            index,
         )
 
 

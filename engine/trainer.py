@@ -80,19 +80,19 @@ class FitState:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "trainer.device") -> torch.device:
+    """``auto|cpu|cuda|cuda:N`` as a device; ``key`` is the setting an error names."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"trainer.device={name} but no CUDA GPU is visible to torch; use trainer.device=cpu "
-                f"or trainer.device=auto."
+                f"{key}={name} but no CUDA GPU is visible to torch; use {key}=cpu or {key}=auto."
             )
         index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise ConfigError(
-                f"trainer.device={name} but only {torch.cuda.device_count()} GPU(s) are visible "
+                f"{key}={name} but only {torch.cuda.device_count()} GPU(s) are visible "
                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})."
             )
         return torch.device("cuda", index)

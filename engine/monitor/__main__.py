@@ -10,14 +10,13 @@ or without alarms), 2 a user error (``error: ...`` names it), 3 something alarms
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from engine import preprocess
+from engine.checkpoint import replace_file
 from engine.config import ConfigError
 from engine.dataset import DataError
 from engine.model_source import ModelSource
@@ -145,18 +144,6 @@ def describe(report: DriftReport, title: str) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(options: MonitorOptions) -> int:
     path = Path(options.input).expanduser()
     is_log = path.suffix.lower() in LOG_SUFFIXES
@@ -186,9 +173,9 @@ def run(options: MonitorOptions) -> int:
     )
     print(describe(report, title))
     if options.output:
-        _write_atomic(
-            Path(options.output).expanduser(), json.dumps(report.to_dict(), indent=2) + "\n"
-        )
+        output = Path(options.output).expanduser()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(output, json.dumps(report.to_dict(), indent=2) + "\n")
         print(f"wrote {options.output}")
     return EXIT_DRIFT if options.fail_on_drift and report.alarms else 0
 

@@ -101,7 +101,7 @@ class Reference:
             chunk = preprocess.standardize(x_raw[start : start + BATCH_ROWS], model.info)
             decoded = model.decode(model.outputs(torch.from_numpy(np.ascontiguousarray(chunk))))
             if self.task == "classification":
-                predicted.append(decoded.probabilities.argmax(axis=1).astype(np.int64))
+                predicted.append(decoded.class_index)
                 confidence.append(decoded.confidence.astype(np.float64))
             else:
                 predicted.append(np.asarray(decoded.outputs, dtype=np.float64).reshape(-1))

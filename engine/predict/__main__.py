@@ -12,21 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import ConfigError
 from engine.dataset import DataError
 from engine.model_source import ModelSource
 from engine.predict.batch import Written, check_paths, predict_file
 from engine.predict.options import PredictOptions, parse
 from engine.train import USER_ERRORS
-
-
-def _device(name: str):
-    from engine.trainer import pick_device
-
-    try:
-        return pick_device(name)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("trainer.device", "device")) from None
+from engine.trainer import pick_device
 
 
 def run(options: PredictOptions) -> Written:
@@ -35,7 +26,7 @@ def run(options: PredictOptions) -> Written:
     source = ModelSource(
         options.model, options.checkpoint, options.registry.storage, options.registry.store
     )
-    device = _device(options.device)
+    device = pick_device(options.device, key="device")
     loaded = source.load(device, with_reference=False)
     print(f"[predict] {loaded.name} version {loaded.version} on {device}", flush=True)
     return predict_file(

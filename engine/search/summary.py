@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import re
-import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from engine.checkpoint import replace_file
 from engine.search import storage as st
 from engine.search.spec import Spec
 from engine.search.tb import write_study_run
@@ -122,21 +121,6 @@ def write_csv(path: Path, trials: Sequence[FrozenTrial], spec: Spec) -> None:
                 ]
             )
         replace_file(path, f.getvalue())
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all, also with other writers of the same file at the same
-    time (two sweep commands on one sweep dir): each writes its own temporary file in the same
-    folder, then renames it over ``path``. Opened exclusively rather than with ``tempfile`` so
-    that it gets the umask's permissions, as the file it replaces did."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("x", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _INTERPOLATION = re.compile(r"(\\*)\$\{")

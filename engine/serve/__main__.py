@@ -23,6 +23,7 @@ from engine.serve.app import create_app
 from engine.serve.options import parse
 from engine.serve.slot import build
 from engine.train import USER_ERRORS
+from engine.trainer import pick_device
 
 
 class _Server(uvicorn.Server):
@@ -35,15 +36,6 @@ class _Server(uvicorn.Server):
         if engine_state is not None:
             engine_state.draining = True
         super().handle_exit(sig, frame)
-
-
-def _device(name: str) -> torch.device:
-    from engine.trainer import pick_device
-
-    try:
-        return pick_device(name)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("trainer.device", "device")) from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -73,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         options = parse(sys.argv[1:] if argv is None else argv)
         if options.serve.threads > 0:
             torch.set_num_threads(options.serve.threads)
-        device = _device(options.device)
+        device = pick_device(options.device, key="device")
         source = ModelSource(
             options.model, options.checkpoint, options.registry.storage, options.registry.store
         )

@@ -61,7 +61,6 @@ class Batcher:
         self._closing = False
         self.arriving = 0  # requests being read or checked, not yet queued
         self.running = 0  # requests in the model now
-        self.batches = 0
 
     @property
     def depth(self) -> int:
@@ -71,10 +70,6 @@ class Batcher:
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._work(), name="engine-batcher")
-
-    def run_in_model_thread(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
-        """Run ``fn`` in the model's thread, between batches (a warm-up, a reference pass)."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def submit(self, x: np.ndarray) -> tuple[Any, int, int]:
         if self._closing:
@@ -124,7 +119,6 @@ class Batcher:
             return
         finally:
             self.running = 0
-        self.batches += 1
         if self._on_batch is not None:
             self._on_batch(len(x))
         start = 0

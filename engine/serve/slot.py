@@ -70,24 +70,20 @@ class Served:
         """The model once over raw rows [n, F]; in the model thread."""
         p = self.loaded.predictor
         x = torch.from_numpy(preprocess.standardize(x_raw.astype(np.float32), p.info))
-        out = p.outputs(x)
+        decoded = p.decode(p.outputs(x))
         if self.task == "regression":
-            values = p.decode(out).outputs
-            result = BatchResult(self, None, None, None, None, values)
-            predicted, confidence = values, None
+            result = BatchResult(self, None, None, None, None, decoded.outputs)
+            predicted, confidence = decoded.outputs, None
         else:
-            probs = torch.softmax(out, dim=-1)
-            conf, index = probs.max(dim=-1)
-            index_np = index.numpy()
             result = BatchResult(
                 self,
-                preprocess.class_names(index_np, p.info),
-                probs.numpy(),
-                conf.numpy(),
-                index_np,
+                decoded.labels,
+                decoded.probabilities,
+                decoded.confidence,
+                decoded.class_index,
                 None,
             )
-            predicted, confidence = index_np, result.confidence
+            predicted, confidence = decoded.class_index, decoded.confidence
         if record:
             self.window.add(x_raw.astype(np.float32), predicted, confidence)
         return result
