@@ -350,3 +350,30 @@ def test_read_log_skips_a_last_line_cut_short_by_a_crash(tmp_path):
     with path.open("a") as f:
         f.write('{"time": "2026-')  # the server died mid-write
     assert read_log(path)[1].tolist() == [0, 1]
+
+
+def _record(i: int) -> str:
+    return json.dumps({"model": "digits", "version": "1", "predicted": "3", "class_index": 3,
+                       "confidence": 0.9, "request_id": f"r{i}"})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, text, named",
+    [
+        ("garbage.jsonl", _record(0) + "\nnot json at all\n" + _record(1) + "\n", "line 2"),
+        ("array.jsonl", _record(0) + "\n[1, 2, 3]\n", "line 2"),
+        ("other_model.jsonl", _record(0).replace('"class_index": 3', '"class_index": 42') + "\n",
+         "class_index"),
+        ("empty.jsonl", "", "no records"),
+        ("rows.txt", "a,b\n1,2\n", ".csv"),
+    ],
+)  # fmt: skip
+def test_cli_names_what_is_wrong_with_a_bad_prediction_log_exit_2(
+    digits, tmp_path, name, text, named
+):
+    path = tmp_path / name
+    path.write_text(text)
+    r = _monitor_cli(f"model={digits.run}", f"input={path}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith("error:") and named in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
