@@ -75,7 +75,7 @@ class Result:
 # --------------------------------------------------------------------------- case grids
 
 
-def cases_for(device: str, quick: bool, dtypes) -> list[Case]:
+def cases_for(device: str, quick: bool, dtypes, vocabs=None, linear_vocabs=None) -> list[Case]:
     if device == "cuda":
         ns, vs = (
             ((8192,), (32000, 128256, 262144))
@@ -83,6 +83,7 @@ def cases_for(device: str, quick: bool, dtypes) -> list[Case]:
             else ((8192, 16384), (32000, 32768, 128256, 131072, 262144))
         )
         hs, lvs = ((4096,), (128256,)) if quick else ((2048, 4096), (128256, 262144))
+        vs, lvs = tuple(vocabs or vs), tuple(linear_vocabs or lvs)
         ce_dtypes = dtypes or (("bf16",) if quick else ("bf16", "fp32"))
         lin_dtypes = dtypes or ("bf16",)
         ce = [Case("ce", n, v, 0, d) for d in ce_dtypes for n in ns for v in vs]
@@ -454,6 +455,8 @@ def parse_args(argv=None):
         "--providers", nargs="+", default=None, help="subset of ours eager compile liger bare"
     )
     p.add_argument("--quick", action="store_true", help="a small subset of the grid")
+    p.add_argument("--vocabs", type=int, nargs="+", help="CUDA: the cross-entropy V values")
+    p.add_argument("--linear-vocabs", type=int, nargs="+", help="CUDA: the linear head's V values")
     p.add_argument("--compile", action="store_true", help="also torch.compile on CPU")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
@@ -479,7 +482,7 @@ def main(argv=None) -> int:
                 setattr(torch._dynamo.config, name, 512)
     modes = MODES if args.mode == "both" else (args.mode,)
     groups: dict = {}
-    for case in cases_for(device, args.quick, args.dtypes):
+    for case in cases_for(device, args.quick, args.dtypes, args.vocabs, args.linear_vocabs):
         if case.kind not in args.kinds:
             continue
         for mode in modes:
@@ -491,6 +494,16 @@ def main(argv=None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+            if args.out:  # after every case: a run stopped by a time limit keeps what it measured
+                write_report(args.out, report(groups, device))
+    text = report(groups, device)
+    print(text)
+    if args.out:
+        write_report(args.out, text)
+    return 0
+
+
+def report(groups: dict, device: str) -> str:
     text = [
         f"# loss kernels on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'} "
         f"(torch {torch.__version__}, threads {torch.get_num_threads()})",
@@ -503,12 +516,13 @@ def main(argv=None) -> int:
         ]
         text += [ce_table(rows, mode, device) if kind == "ce" else linear_table(rows), ""]
     text += ["## acceptance ratios", ""] + [f"- {line}" for line in summary(groups, device)]
-    print("\n".join(text))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(text) + "\n")
-    return 0
+    return "\n".join(text)
+
+
+def write_report(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")
 
 
 if __name__ == "__main__":

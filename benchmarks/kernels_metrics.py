@@ -269,6 +269,14 @@ def main(argv=None):
     classes = args.classes or ([10, 1000, 32000] if gpu else [10, 100, 1000])
     dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
     cls_rows, reg_rows = [], []
+    header = f"device: {torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}, threads {args.threads}"
+
+    def report() -> str:
+        tables = [table("classification (acc, precision, recall, f1, top5, ece)", cls_rows, device)]
+        if reg_rows:
+            tables.append(table("regression (mse, rmse, mae, r2)", reg_rows, device))
+        return header + "\n\n" + "\n\n".join(tables) + "\n"
+
     for n_rows in ns:
         for c in classes:
             for dt in dtypes:
@@ -281,16 +289,13 @@ def main(argv=None):
                     ),
                     flush=True,
                 )
+                if args.out:  # after every row: a run stopped by a time limit keeps its rows
+                    args.out.write_text(report())
         if not args.skip_regression:
             run_regression(args, device, n_rows, reg_rows)
-    tables = [table("classification (acc, precision, recall, f1, top5, ece)", cls_rows, device)]
-    if reg_rows:
-        tables.append(table("regression (mse, rmse, mae, r2)", reg_rows, device))
-    header = f"device: {torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}, threads {args.threads}"
-    report = header + "\n\n" + "\n\n".join(tables) + "\n"
-    print("\n" + report)
+    print("\n" + report())
     if args.out:
-        args.out.write_text(report)
+        args.out.write_text(report())
 
 
 if __name__ == "__main__":

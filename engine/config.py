@@ -293,6 +293,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITOR_MODES = ("auto", "max", "min")
 PROGRESS_MODES = ("auto", "bar", "epoch", "none")
 NAN_POLICIES = ("stop", "skip")
+NAN_CHECKS = ("auto", "deferred", "immediate")
 
 
 @dataclass
@@ -335,6 +336,11 @@ class TrainerConfig:
     """stop | skip: what to do when the loss or gradients are not finite."""
     max_nan_skips: int = 10
     """skip: stop after this many skipped steps."""
+    nan_check: str = "auto"
+    """When the host reads a step's finiteness: deferred (the device skips a non-finite update
+    itself and the host learns of it one step later, so it never waits for the GPU between log
+    steps) | immediate (read before every optimizer step) | auto (deferred on CUDA, immediate on
+    the CPU, where the read costs nothing). Optimizers other than the fused ones are immediate."""
     num_threads: int = 0
     """CPU threads for torch; 0 keeps torch's default."""
     cv_folds: int = 0
@@ -351,6 +357,7 @@ def validate_trainer(t: Any) -> None:
         monitor_mode=MONITOR_MODES,
         progress=PROGRESS_MODES,
         on_nan=NAN_POLICIES,
+        nan_check=NAN_CHECKS,
     )
     _check(t.max_epochs > 0, "trainer.max_epochs", t.max_epochs, "it must be a positive integer")
     _check(

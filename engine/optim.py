@@ -115,6 +115,13 @@ class LRSchedule:
         if not self.constant:
             self._apply()
 
+    def unstep(self) -> None:
+        """Take back the last ``step``: the trainer counted an optimizer step that the device then
+        skipped (engine/step_guard.py), and a skipped step does not advance the schedule."""
+        self.step_count -= 1
+        if not self.constant:
+            self._apply()
+
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 

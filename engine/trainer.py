@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from engine.config import ConfigError
 from engine.data import BatchLoader, DataInfo
 from engine.faults import Faults
 from engine.optim import LRSchedule, describe_warmup, warmup_capped
+from engine.step_guard import StepGuard, Verdict
 from engine.task import Task, resolve_monitor
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,17 @@ class Trainer:
         self.stop_reason = ""
         self.faults = faults  # the reliability tests' injected failures; None in a normal run
         self.checkpointer = ckpt.AsyncCheckpointer(faults)
+        # Gradients are identical on every rank after DDP's all-reduce, so the gradient norm
+        # gives every rank the same verdict; fp16's scaler treats inf gradients as routine.
+        self.guard = StepGuard(
+            optimizer,
+            device,
+            mode=cfg.nan_check,
+            check_loss=world_size == 1,
+            check_grads=self.scaler is None,
+            scaler=self.scaler,
+        )
+        self.last_loss: float | None = None  # the latest step's loss the host has read
         # One metrics object, reset per evaluation; it keeps the last evaluation's state.
         self.eval_metrics: Any = None
 
@@ -284,19 +295,22 @@ class Trainer:
             if (b + 1) % accumulate == 0 or b + 1 == n_batches:
                 if faults is not None:
                     faults.before_step(s.global_step + 1)
-                loss_value = self.optimizer_step(loss.detach(), epoch, b)
+                self.optimizer_step(loss, epoch, b)
                 s.batch_in_epoch = b + 1
-                if self.is_main and s.global_step % self.cfg.log_every_n_steps == 0:
-                    self.logger.scalars({"train/loss": loss_value}, s.global_step)
                 if bar is not None:
                     bar.update(b + 1 - bar.n)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    if self.last_loss is not None:  # the latest step the host has read
+                        bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
                 n = self.cfg.ckpt_every_n_steps
                 if n and s.global_step % n == 0 and b + 1 < n_batches:
-                    self._save_mid_epoch(loss_sum, samples)
+                    self.settle()  # the counters a checkpoint saves are final ones
+                    if s.global_step % n == 0:
+                        self._save_mid_epoch(loss_sum, samples)
                 if b + 1 < n_batches and preempt.requested() and self.world_size == 1:
+                    self.settle()
                     self._save_mid_epoch(loss_sum, samples)
                     self._stop_if_requested()
+        self.settle()  # the epoch's last step, before its loss, evaluation and checkpoint
         if bar is not None:
             bar.close()
         total = float(loss_sum) + s.epoch_loss_sum
@@ -304,56 +318,81 @@ class Trainer:
         s.samples_seen += samples
         return total / max(count, 1), samples
 
-    def optimizer_step(self, loss: torch.Tensor, epoch: int, batch: int) -> float:
+    def optimizer_step(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
         """Unscale, clip, check finiteness on every rank alike, then step (or skip, or stop).
 
-        One host sync per optimizer step reads the loss and the gradient norm together; the
-        check must come before ``optimizer.step`` or a NaN is already in the weights.
+        The check must decide before ``optimizer.step`` or a NaN is already in the weights. The
+        deferred guard (engine/step_guard.py) lets the device decide and reads the verdict a step
+        later, in :meth:`settle`; the immediate one reads it here, before stepping.
         """
         s = self.state
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        norm = None
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            loss_value, norm_value = torch.stack([loss.float(), norm.float()]).tolist()
-        else:
-            loss_value, norm_value = _loss_and_grad_norm(loss, self.params)
-        # Gradients are identical on every rank after DDP's all-reduce, so the gradient norm
-        # gives every rank the same verdict; fp16's scaler treats inf gradients as routine.
-        grads_bad = not math.isfinite(norm_value) and self.scaler is None
-        loss_bad = not math.isfinite(loss_value) and self.world_size == 1
-        if grads_bad or loss_bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            what = "loss" if loss_bad else "gradient norm"
-            where = f"step {s.global_step + 1} (epoch {epoch + 1}, batch {batch + 1})"
-            if self.cfg.on_nan == "skip" and s.nan_skips < self.cfg.max_nan_skips:
-                s.nan_skips += 1
-                log.warning(
-                    "non-finite %s at %s: step skipped (%d so far)", what, where, s.nan_skips
-                )
-                return loss_value
-            self.checkpointer.wait()
-            last = self.ckpt_dir / "last.pt"
-            good = (
-                f"the last good checkpoint is {last}"
-                if last.exists()
-                else "no checkpoint was written yet"
-            )
-            skipped = f" after {s.nan_skips} skipped steps" if s.nan_skips else ""
-            raise NonFiniteError(
-                f"non-finite {what} ({loss_value if loss_bad else norm_value}) at {where}{skipped}; "
-                f"the optimizer did not step, {good}. Lower optim.lr, set trainer.grad_clip, or use "
-                f"trainer.on_nan=skip."
-            )
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        deferred = self.guard.defers_now()
+        values = self.guard.measure(loss, self.params, norm, deferred)
+        # The previous step's verdict: read after this step's work is queued, acted on before
+        # this step's update (a stop leaves the weights as the last good step left them).
+        self.settle()
+        where = (s.global_step + 1, epoch, batch)
+        if not deferred:
+            verdict = self.guard.read(values, *where)
+            if verdict.bad:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._non_finite(verdict)
+                return
+        self.guard.step(values if deferred else None)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         s.global_step += 1
-        return loss_value
+        if deferred:
+            self.guard.stage(values, *where)
+        else:
+            self._stepped(verdict)
+
+    def settle(self) -> None:
+        """Act on the deferred verdict of the last step, if one is waiting: log its loss, or,
+        when the device skipped it, take back the step the host counted and skip or stop."""
+        verdict = self.guard.take()
+        if verdict is None:
+            return
+        if verdict.bad:
+            self.state.global_step -= 1
+            self.scheduler.unstep()
+            self._non_finite(verdict)
+            return
+        self._stepped(verdict)
+
+    def _stepped(self, verdict: Verdict) -> None:
+        self.last_loss = verdict.loss
+        if self.is_main and verdict.step % self.cfg.log_every_n_steps == 0:
+            self.logger.scalars({"train/loss": verdict.loss}, verdict.step)
+
+    def _non_finite(self, verdict: Verdict) -> None:
+        """A step that was not taken: count it as skipped, or raise ``NonFiniteError``."""
+        s = self.state
+        what = "loss" if verdict.loss_bad else "gradient norm"
+        if self.cfg.on_nan == "skip" and s.nan_skips < self.cfg.max_nan_skips:
+            s.nan_skips += 1
+            log.warning(
+                "non-finite %s at %s: step skipped (%d so far)", what, verdict.where, s.nan_skips
+            )
+            return
+        self.checkpointer.wait()
+        last = self.ckpt_dir / "last.pt"
+        good = (
+            f"the last good checkpoint is {last}"
+            if last.exists()
+            else "no checkpoint was written yet"
+        )
+        skipped = f" after {s.nan_skips} skipped steps" if s.nan_skips else ""
+        value = verdict.loss if verdict.loss_bad else verdict.norm
+        raise NonFiniteError(
+            f"non-finite {what} ({value}) at {verdict.where}{skipped}; the optimizer did not "
+            f"step, {good}. Lower optim.lr, set trainer.grad_clip, or use trainer.on_nan=skip."
+        )
 
     # ----------------------------------------------------------------------------------------
     # evaluation
@@ -668,18 +707,6 @@ def _progress_mode(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bar" if sys.stderr.isatty() else "epoch"
-
-
-def _loss_and_grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float]:
-    """The loss and the total gradient norm as floats, read in one transfer. The per-tensor
-    norms are combined on the host: a small model's step is short enough for the ops saved to
-    count."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return float(loss), 0.0
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    loss_value, *values = torch.stack([loss.float().reshape(()), *norms]).tolist()
-    return loss_value, math.sqrt(math.fsum(v * v for v in values))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -150,10 +150,17 @@ def test_kills_from_outside_at_random_moments_always_leave_a_loadable_checkpoint
     )  # each restart resumed and progressed
 
 
-def test_a_nan_stops_the_run_before_the_optimizer_step_and_names_it(cli, tmp_path):
+# deferred: the device skips the step and the host learns of it one step later
+# (engine/step_guard.py); auto is immediate on the CPU.
+@pytest.mark.parametrize("nan_check", ["auto", "deferred"])
+def test_a_nan_stops_the_run_before_the_optimizer_step_and_names_it(cli, tmp_path, nan_check):
     run_dir = tmp_path / "run"
     result = train(
-        cli, run_dir, "trainer.ckpt_every_n_steps=1", env={"ENGINE_FAULT_NAN_AT_STEP": "5"}
+        cli,
+        run_dir,
+        "trainer.ckpt_every_n_steps=1",
+        f"trainer.nan_check={nan_check}",
+        env={"ENGINE_FAULT_NAN_AT_STEP": "5"},
     )
     assert result.returncode == 2
     assert "non-finite loss (nan) at step 5 (epoch 1, batch 5)" in result.stdout
@@ -163,9 +170,14 @@ def test_a_nan_stops_the_run_before_the_optimizer_step_and_names_it(cli, tmp_pat
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def test_on_nan_skip_skips_the_step_and_finishes(cli, tmp_path):
+@pytest.mark.parametrize("nan_check", ["auto", "deferred"])
+def test_on_nan_skip_skips_the_step_and_finishes(cli, tmp_path, nan_check):
     result = train(
-        cli, tmp_path / "run", "trainer.on_nan=skip", env={"ENGINE_FAULT_NAN_AT_STEP": "5"}
+        cli,
+        tmp_path / "run",
+        "trainer.on_nan=skip",
+        f"trainer.nan_check={nan_check}",
+        env={"ENGINE_FAULT_NAN_AT_STEP": "5"},
     )
     assert result.returncode == 0, result.stderr
     assert "step skipped (1 so far)" in result.stdout
