@@ -11,7 +11,10 @@ step count when the flag is set; this is the attribute ``torch.amp.GradScaler`` 
 optimizers. The loss and the norm go to the host through a non-blocking copy into pinned memory,
 and the host reads them one step later, after it has queued the next step's forward and backward
 but before that step's update: a stop or a skip is acted on before anything else can reach the
-weights, and the message names the step that failed.
+weights, and the message names the step that failed. That read waits on a CUDA event for the
+previous step's kernels only, while the GPU already holds the next step's work: the host stays a
+step ahead instead of draining the queue. (torch's sync debug mode, which flags the reads that
+drain it, such as ``.item()`` or a blocking copy, does not flag event waits.)
 
 The immediate guard is the plain way. It is kept for optimizers that cannot take the flag (any but
 the fused Adam, AdamW and SGD), for SGD's first momentum step (``torch._fused_sgd_`` would leave
@@ -57,15 +60,6 @@ def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The total 2-norm of the gradients, on their device (what ``clip_grad_norm_`` computes)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=params[0].device if params else "cpu")
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
 class StepGuard:
     """Checks each optimizer step's loss and gradient norm; see the module's docstring.
 
@@ -92,10 +86,13 @@ class StepGuard:
         self.deferring = wanted and takes_found_inf(optimizer) and _scaler_state_known(scaler)
         # SGD with momentum defers only once its momentum buffers exist (see the module's note).
         self._first_momentum_step = self.deferring and _sgd_momentum(optimizer)
-        # Which of [loss, norm] decide found_inf on the device.
-        self._checked = slice(0 if check_loss else 1, 2 if check_grads else 1)
-        pinned = device.type == "cuda"
-        self.staging = torch.empty((2, 2), dtype=torch.float32, pin_memory=pinned)
+        # Which of [loss, norm or per-tensor norms...] decide found_inf on the device.
+        self._checked = slice(0 if check_loss else 1, None if check_grads else 1)
+        self._pinned = device.type == "cuda"
+        # Two slots of (pinned) host memory, sized at the first step, each with the event that
+        # says its copy has landed.
+        self.staging = torch.empty((2, 0), dtype=torch.float32)
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if self._pinned else [None, None]
         self._slot = 0
         self._staged: tuple[torch.Tensor, torch.cuda.Event | None, int, int, int] | None = None
 
@@ -108,20 +105,15 @@ class StepGuard:
         return self.deferring
 
     def measure(
-        self,
-        loss: torch.Tensor,
-        params: list[torch.Tensor],
-        norm: torch.Tensor | None,
-        deferred: bool,
+        self, loss: torch.Tensor, params: list[torch.Tensor], norm: torch.Tensor | None
     ) -> torch.Tensor:
         """The step's values as one float32 tensor on the device, with no host read: [loss,
-        gradient norm] for the device to decide on, or (immediate, unclipped) [loss, per-tensor
-        norms...] whose total the host combines: one op fewer on a step short enough to feel it."""
+        total gradient norm] when clipping computed it, else [loss, per-tensor norms...]. The host
+        combines those into the total when it reads them; the device needs only their finiteness
+        (a total norm would cost two more ops a step, which a small model's step feels)."""
         loss = loss.detach().float().reshape(())
         if norm is not None:
             return torch.stack([loss, norm.float().reshape(())])
-        if deferred:
-            return torch.stack([loss, grad_norm(params)])
         grads = [p.grad for p in params if p.grad is not None]
         return torch.stack([loss, *torch._foreach_norm(grads, 2, dtype=torch.float32)])
 
@@ -133,7 +125,7 @@ class StepGuard:
         found_inf = None
         checked = values[self._checked] if values is not None else None
         if checked is not None and checked.numel():
-            found_inf = checked.isfinite().all().logical_not().float()
+            found_inf = torch.where(checked.isfinite().all(), 0.0, 1.0)
         if self.scaler is not None:
             if found_inf is not None:  # the loss check joins the scaler's own inf check
                 for flag in _scaler_found_inf(self.scaler, opt):
@@ -152,12 +144,13 @@ class StepGuard:
 
     def stage(self, values: torch.Tensor, step: int, epoch: int, batch: int) -> None:
         """Start copying ``values`` to the host; :meth:`take` reads them later."""
-        host = self.staging[self._slot]
+        n = values.numel()
+        if n > self.staging.shape[1]:  # the first step (or more gradients than so far)
+            self.staging = torch.empty((2, n), dtype=torch.float32, pin_memory=self._pinned)
+        host, event = self.staging[self._slot, :n], self._events[self._slot]
         self._slot ^= 1  # two slots: the copy being made never overwrites the one not yet read
         host.copy_(values, non_blocking=True)
-        event = None
-        if values.device.type == "cuda":
-            event = torch.cuda.Event()
+        if event is not None:
             event.record()
         self._staged = (host, event, step, epoch, batch)
 
@@ -177,7 +170,7 @@ class StepGuard:
 
     def _verdict(self, read: list[float], step: int, epoch: int, batch: int) -> Verdict:
         loss, *norms = read
-        norm = norms[0] if len(norms) == 1 else math.sqrt(math.fsum(v * v for v in norms))
+        norm = norms[0] if len(norms) == 1 else math.hypot(*norms)  # one C call per step
         return Verdict(
             step=step,
             epoch=epoch,

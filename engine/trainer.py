@@ -332,7 +332,7 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         deferred = self.guard.defers_now()
-        values = self.guard.measure(loss, self.params, norm, deferred)
+        values = self.guard.measure(loss, self.params, norm)
         # The previous step's verdict: read after this step's work is queued, acted on before
         # this step's update (a stop leaves the weights as the last good step left them).
         self.settle()
@@ -341,6 +341,8 @@ class Trainer:
             verdict = self.guard.read(values, *where)
             if verdict.bad:
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:  # ends the scaler's step: its next unscale_ needs it
+                    self.scaler.update()
                 self._non_finite(verdict)
                 return
         self.guard.step(values if deferred else None)

@@ -3,7 +3,7 @@
 #   tests    the gpu-marked tests: compiled Triton kernels, N*V >= 2^31, a checkpoint of GPU
 #            tensors, and no CUDA synchronisation between log steps (test_step_guard.py)
 #   loss     kernels.cross_entropy / linear_cross_entropy against eager, torch.compile and Liger
-#   metrics  the metric kernels against torchmetrics at 1M and 8M rows, C in {10, 1000, 32000}
+#   metrics  the metric kernels against torchmetrics at 1M rows, C in {10, 1000, 32000}
 #   train    training throughput: engine vs a raw loop vs Lightning, syncs per step counted
 #   sweep    a two-worker sweep sharing the one GPU
 # Each part runs under its own `timeout`, so one that hangs cannot eat the others' time, and
@@ -38,17 +38,18 @@ export PYTHONPATH=.:${PYTHONPATH:-}
   git rev-parse HEAD 2>/dev/null; date -u; } > "$OUT/env.txt" 2>&1
 
 if [ $DRY = 1 ]; then
-  DEV=cpu
   TESTS=(--collect-only)  # the gpu tests skip without a GPU: check that they import and collect
-  LOSS=(--device cpu --quick --reps 1 --warmup 0)
+  # The GPU run's own flags where they parse on the CPU too (the vocab sizes apply to CUDA only).
+  LOSS=(--device cpu --quick --mode forward+backward --vocabs 32768 --linear-vocabs 131072
+        --reps 1 --warmup 0)
   METRICS=(--device cpu --n 20000 --classes 10 --dtypes fp32 --repeats 1)
-  TRAIN=(--device cpu --quick --epochs 2 --rounds 1)
-  SWEEP=(search.n_trials=2 trainer.max_epochs=2 trainer.device=cpu)
+  TRAIN=(--device cpu --quick --epochs 2 --rounds 1 --count-syncs)
+  SWEEP=(search.n_trials=2 trainer.max_epochs=2 trainer.device=cpu search.pruner=median)
 else
-  DEV=cuda
   TESTS=()
-  LOSS=(--device cuda --quick --vocabs 32768 131072 262144 --linear-vocabs 131072 262144 --reps 20)
-  METRICS=(--device cuda --repeats 3)
+  LOSS=(--device cuda --quick --mode forward+backward --vocabs 32768 131072 262144
+        --linear-vocabs 131072 262144 --reps 20)
+  METRICS=(--device cuda --n 1000000 --repeats 3)
   TRAIN=(--device cuda --epochs 4 --rounds 2 --count-syncs)
   SWEEP=(search.n_trials=8 trainer.max_epochs=6 search.pruner=median)
 fi
@@ -69,19 +70,19 @@ part() {
   echo "== $name: exit $rc" >> "$OUT/progress.txt"
 }
 
-part tests 120 bash -c "python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${TESTS[*]:-} \
+part tests 130 bash -c "python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${TESTS[*]:-} \
   tests/test_kernel_cross_entropy.py tests/test_kernel_linear_cross_entropy.py \
   tests/test_kernel_classification.py tests/test_kernel_regression.py tests/test_metrics.py \
   tests/test_checkpoint.py tests/test_step_guard.py > '$OUT/tests.txt' 2>&1; rc=\$?; tail -n 3 '$OUT/tests.txt'; exit \$rc"
-part loss 110 python3 benchmarks/kernels_loss.py "${LOSS[@]}" --out "$OUT/loss.md"
-part metrics 70 python3 benchmarks/kernels_metrics.py "${METRICS[@]}" --out "$OUT/metrics.md"
-part train 100 python3 benchmarks/train_throughput.py "${TRAIN[@]}" --out "$OUT/train.md"
+part loss 140 python3 benchmarks/kernels_loss.py "${LOSS[@]}" --out "$OUT/loss.md"
+part metrics 60 python3 benchmarks/kernels_metrics.py "${METRICS[@]}" --out "$OUT/metrics.md"
+part train 90 python3 benchmarks/train_throughput.py "${TRAIN[@]}" --out "$OUT/train.md"
 
 # Two workers on the one GPU (round-robin CUDA_VISIBLE_DEVICES), a median pruner: every trial
 # finishes or is pruned, and the GPU is shared. The sweep's own files stay in /tmp; its console
 # (the leaderboard) and summary.csv come back in sweep.txt.
 SWEEP_DIR=$(mktemp -d /tmp/gpu_check_sweep.XXXX)
-part sweep 60 bash -c "{ python3 -m engine.train -m search=random search.n_workers=2 ${SWEEP[*]} \
+part sweep 50 bash -c "{ python3 -m engine.train -m search=random search.n_workers=2 ${SWEEP[*]} \
   trainer.progress=epoch hydra.sweep.dir='$SWEEP_DIR'; rc=\$?; echo \"exit \$rc\"; \
   echo; cat '$SWEEP_DIR/summary.csv'; exit \$rc; } > '$OUT/sweep.txt' 2>&1"
 

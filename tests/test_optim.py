@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from engine.config import SchedConfig
 from engine.optim import build_scheduler, lr_factor
-from engine.step_guard import grad_norm
+from engine.step_guard import StepGuard
 
 
 def optimizer(lrs=(0.1, 0.05)):
@@ -65,14 +65,22 @@ def test_a_restored_schedule_continues_where_it_stopped():
     assert fresh.get_last_lr() == schedule.get_last_lr()
 
 
+def guard_of(params):
+    optimizer = torch.optim.AdamW(params, fused=True)
+    return StepGuard(
+        optimizer, torch.device("cpu"), mode="immediate", check_loss=True, check_grads=True
+    )
+
+
 def test_the_guard_reads_the_same_total_norm_as_torch_clipping():
     params = [torch.nn.Parameter(torch.zeros(s)) for s in [(4, 3), (3,), (2, 2)]]
     g = torch.Generator().manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
-    norm = grad_norm(params)
+    guard = guard_of(params)
+    verdict = guard.read(guard.measure(torch.tensor(1.5), params, None), 1, 0, 0)
     expected = torch.nn.utils.clip_grad_norm_(params, max_norm=1e9)
-    assert float(norm) == pytest.approx(float(expected), rel=1e-6)
+    assert verdict.loss == 1.5 and verdict.norm == pytest.approx(float(expected), rel=1e-6)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -80,7 +88,9 @@ def test_one_non_finite_gradient_makes_the_norm_non_finite(bad):
     params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(2)]
     params[0].grad = torch.ones(3)
     params[1].grad = torch.tensor([0.0, bad, 1.0])
-    assert not math.isfinite(float(grad_norm(params)))
+    guard = guard_of(params)
+    verdict = guard.read(guard.measure(torch.tensor(0.1), params, None), 1, 0, 0)
+    assert verdict.grads_bad and not math.isfinite(verdict.norm)
 
 
 def test_a_warmup_fraction_is_capped_in_steps_but_an_explicit_warmup_is_not():

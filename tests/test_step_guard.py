@@ -221,6 +221,26 @@ def test_an_optimizer_without_the_flag_keeps_the_immediate_guard():
     assert guard.deferring
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_one_non_finite_gradient_keeps_the_deferred_update_out_and_is_named(bad):
+    weights = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    optimizer = torch.optim.AdamW(weights, lr=0.1, fused=True)
+    guard = StepGuard(
+        optimizer, torch.device("cpu"), mode="deferred", check_loss=True, check_grads=True
+    )
+    before = [w.detach().clone() for w in weights]
+    weights[0].grad = torch.ones(3)
+    weights[1].grad = torch.tensor([0.5, bad])
+    values = guard.measure(torch.tensor(0.25), weights, None)
+    guard.step(values)
+    assert all(torch.equal(w.detach(), b) for w, b in zip(weights, before))
+    assert all(int(optimizer.state[w]["step"]) == 0 for w in weights)  # the step count too
+    guard.stage(values, 7, 1, 3)
+    verdict = guard.take()
+    assert verdict.grads_bad and not verdict.loss_bad and verdict.loss == 0.25
+    assert verdict.where == "step 7 (epoch 2, batch 4)"
+
+
 def test_under_a_grad_scaler_a_non_finite_loss_alone_still_keeps_the_update_out():
     """fp16's path (CUDA in a real run; the same GradScaler machinery runs on the CPU here): the
     gradients are finite, so only the guard's loss check can stop the step."""
@@ -235,7 +255,7 @@ def test_under_a_grad_scaler_a_non_finite_loss_alone_still_keeps_the_update_out(
     loss = (weight * 2).sum()
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    values = guard.measure(loss * float("nan"), [weight], None, True)
+    values = guard.measure(loss * float("nan"), [weight], None)
     guard.step(values)
     assert torch.equal(weight.detach(), before)
     assert scaler.get_scale() == 2.0  # the scaler counted the step as overflowed and backed off
@@ -248,7 +268,7 @@ def test_under_a_grad_scaler_a_non_finite_loss_alone_still_keeps_the_update_out(
     loss = (weight * 2).sum()
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    guard.step(guard.measure(loss, [weight], None, True))
+    guard.step(guard.measure(loss, [weight], None))
     assert not torch.equal(weight.detach(), before)  # a finite step goes through
 
 
