@@ -16,7 +16,9 @@
 #                                   # fallbacks, so that nothing but the GPU can fail there
 #
 # The GPU image lacks optuna/hydra/omegaconf: put their wheels in the checkout's ignored .whl/
-# folder (and name it in the device run's carry); this script installs them to /tmp/site.
+# folder (and name it in the device run's carry); this script installs them to /tmp/site. From a
+# session's checkout: `mkdir -p .whl && cp ../shared/wheels-gpu/*.whl .whl/`, then one device
+# run of `bash scripts/gpu_check.sh` with carry [".whl"] and a 540 s limit ($OUT is set there).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 DRY=0
@@ -70,12 +72,12 @@ part() {
   echo "== $name: exit $rc" >> "$OUT/progress.txt"
 }
 
-part tests 130 bash -c "python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${TESTS[*]:-} \
+part tests 120 bash -c "python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${TESTS[*]:-} \
   tests/test_kernel_cross_entropy.py tests/test_kernel_linear_cross_entropy.py \
   tests/test_kernel_classification.py tests/test_kernel_regression.py tests/test_metrics.py \
   tests/test_checkpoint.py tests/test_step_guard.py > '$OUT/tests.txt' 2>&1; rc=\$?; tail -n 3 '$OUT/tests.txt'; exit \$rc"
 part loss 140 python3 benchmarks/kernels_loss.py "${LOSS[@]}" --out "$OUT/loss.md"
-part metrics 60 python3 benchmarks/kernels_metrics.py "${METRICS[@]}" --out "$OUT/metrics.md"
+part metrics 75 python3 benchmarks/kernels_metrics.py "${METRICS[@]}" --out "$OUT/metrics.md"
 part train 90 python3 benchmarks/train_throughput.py "${TRAIN[@]}" --out "$OUT/train.md"
 
 # Two workers on the one GPU (round-robin CUDA_VISIBLE_DEVICES), a median pruner: every trial

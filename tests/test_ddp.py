@@ -9,17 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 from engine import checkpoint as ckpt
 
 
-def torchrun(*args: str, nproc: int = 2, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, nproc: int = 2, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("torchrun")
     command = (
         [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(
         [*command, "--standalone", f"--nproc-per-node={nproc}", "-m", "engine.train", *args],
         cwd=cwd,
@@ -81,3 +84,22 @@ def test_ddp_without_an_explicit_run_dir_shares_rank_zeros_timestamped_dir(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_under_ddp_the_deferred_guard_stops_every_rank_at_the_same_step(tmp_path):
+    """The device decides on each rank from the all-reduced gradients, so the ranks agree without
+    a collective of their own: both stop at the NaN's step (none hangs in the next all-reduce),
+    and the last checkpoint is the step before."""
+    run_dir = tmp_path / "ddp"
+    result = torchrun(
+        "trainer.max_epochs=2", "trainer.device=cpu", "trainer.nan_check=deferred",
+        "trainer.ckpt_every_n_steps=1", f"hydra.run.dir={run_dir}",
+        env={"ENGINE_FAULT_NAN_AT_STEP": "3"},
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "non-finite gradient norm (nan) at step 3 (epoch 1, batch 3)" in output, output[-3000:]
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert state["fit"]["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
