@@ -97,14 +97,18 @@ def engine_epochs(cfg) -> tuple[list[float], list[float], int, int]:
     return steps, whole, samples[0], per
 
 
-def raw_epochs(cfg) -> list[float]:
-    """The same model, loss and optimizer in a bare loop."""
+def built_trainer(cfg):
+    """The trainer ``build_job`` gives the engine's run: the very model, objective, optimizer and
+    on-device data, for the other loops to use without the engine's."""
     with tempfile.TemporaryDirectory() as tmp:
-        # build_job gives the very model, objective and data the engine's run gets; the bare
-        # loop then uses them without the trainer.
         job = build_job(cfg.copy(), Path(tmp), hparams_session=False)
         job.logger.close()
-    t = job.trainer
+    return job.trainer
+
+
+def raw_epochs(cfg) -> list[float]:
+    """The same model, loss and optimizer in a bare loop."""
+    t = built_trainer(cfg)
     model, objective, optimizer, device = t.model, t.objective, t.optimizer, t.device
     x, y, bs = t.train_loader.split.x, t.train_loader.split.y, cfg.data.batch_size
     autocast = t._autocast
@@ -131,10 +135,7 @@ def lightning_epochs(cfg) -> list[float] | None:
         import lightning as L
     except ImportError:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        job = build_job(cfg.copy(), Path(tmp), hparams_session=False)
-        job.logger.close()
-    t = job.trainer
+    t = built_trainer(cfg)
     x, y, bs = t.train_loader.split.x, t.train_loader.split.y, cfg.data.batch_size
     times: list[float] = []
 

@@ -393,19 +393,19 @@ def validate_trainer(t: Any) -> None:
         "use 0 (no cross-validation) or a number of folds k >= 2",
     )
     _check_seed("trainer.seed", t.seed)
+    check_device("trainer.device", t.device)
+
+
+def check_device(key: str, value: str) -> None:
+    """``auto | cpu | cuda | cuda:N``: the device settings of training, serving and prediction."""
     _check(
-        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
-        "trainer.device",
-        t.device,
+        value in ("auto", "cpu", "cuda") or value.startswith("cuda:"),
+        key,
+        value,
         "use auto, cpu, cuda or cuda:N",
     )
-    if t.device.startswith("cuda:"):
-        _check(
-            t.device[5:].isdigit(),
-            "trainer.device",
-            t.device,
-            "the GPU index must be a number, e.g. cuda:0",
-        )
+    if value.startswith("cuda:"):
+        _check(value[5:].isdecimal(), key, value, "the GPU index must be a number, e.g. cuda:0")
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,7 +79,6 @@ class StepGuard:
         scaler: torch.amp.GradScaler | None = None,
     ):
         self.optimizer = optimizer
-        self.device = device
         self.check_loss, self.check_grads = check_loss, check_grads
         self.scaler = scaler
         wanted = mode == "deferred" or (mode == "auto" and device.type == "cuda")

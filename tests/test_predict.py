@@ -294,6 +294,14 @@ def test_a_missing_output_folder_is_refused(fx, tmp_path, capsys):
     assert not (tmp_path / "not").exists()
 
 
+def test_a_bad_device_is_refused_naming_it(fx, existing, capsys):
+    code, err = _predict(
+        capsys, f"model={fx.digits}", f"input={fx.digits_csv}", f"output={existing}", "device=gpu"
+    )
+    assert code == 2 and "device='gpu'" in err and "use auto, cpu, cuda or cuda:N" in err
+    _left_intact(existing)
+
+
 def test_an_unknown_key_is_refused_with_the_closest_key(fx, existing, capsys):
     code, err = _predict(
         capsys,

@@ -482,6 +482,7 @@ def test_it_listens_on_127_0_0_1_unless_told_otherwise(digits):
         (["model=digits-mlp@production", "serve.max_batchsize=8"], "serve.max_batch_size"),
         (["model=digits-mlp@production", "serve.token=hunter2"], "ENGINE_SERVE_TOKEN"),
         (["serve.port=8080"], "model"),
+        (["model=digits-mlp@production", "device=cuda:x"], "device='cuda:x'"),
     ],
 )
 def test_a_bad_argument_is_an_error_naming_it_exit_2(models, args, named):

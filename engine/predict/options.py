@@ -3,17 +3,15 @@ misspelt key or a wrong type is refused with the closest valid key named."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from engine.config import ConfigError
+from engine.config import ConfigError, check_device
 from engine.keyvalue import parse as parse_key_values
 from engine.model_source import RegistrySettings
 
 EXAMPLE = "model=digits-mlp@production input=rows.csv output=preds.parquet"
-DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
 OUTPUT_FORMATS = (".parquet", ".pq", ".csv")
 
 
@@ -43,8 +41,7 @@ def parse(argv: list[str]) -> PredictOptions:
     options = parse_key_values(PredictOptions, argv, example=EXAMPLE)
     if options.chunk_rows < 1:
         raise ConfigError(f"chunk_rows={options.chunk_rows}: must be at least 1.")
-    if not DEVICES.fullmatch(options.device):
-        raise ConfigError(f"device={options.device}: use auto, cpu, cuda or cuda:N.")
+    check_device("device", options.device)
     if not options.output.lower().endswith(OUTPUT_FORMATS):
         raise ConfigError(
             f"output={options.output}: name a .parquet or a .csv file (the suffix picks the "

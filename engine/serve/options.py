@@ -8,14 +8,13 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from engine.config import ConfigError
+from engine.config import ConfigError, check_device
 from engine.keyvalue import parse as parse_key_values
 from engine.model_source import RegistrySettings
 from engine.monitor.options import MonitorSettings
 
 TOKEN_ENV = "ENGINE_SERVE_TOKEN"
 _ENV_REFERENCE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)\}")
-DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -88,8 +87,7 @@ def parse(argv: list[str]) -> ServeOptions:
     options.serve.token = token.strip() if token else None
     options.monitor.check()
     s = options.serve
-    if not DEVICES.fullmatch(options.device):
-        raise ConfigError(f"device={options.device}: use auto, cpu, cuda or cuda:N.")
+    check_device("device", options.device)
     for key, value, low in (
         ("serve.max_batch_size", s.max_batch_size, 1),
         ("serve.max_queue", s.max_queue, 1),
