@@ -82,6 +82,7 @@ def test_a_mistyped_value_names_the_key(cli, tmp_path):
         ("data.val_fraction=1.0", "data.val_fraction"),
         ("trainer.precision=fp16", "trainer.precision=fp16"),
         ("model.norm=bacth", "Did you mean 'batch'"),
+        ("trainer.nan_check=later", "trainer.nan_check='later' is not allowed"),
     ],
 )
 def test_out_of_range_or_incompatible_values_fail_with_the_key_named(
